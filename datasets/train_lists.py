@@ -1,0 +1,174 @@
+"""Training image lists: ImageNet (scanned once, then cached), a class-per-folder tree, or a benchmark.
+
+The ImageNet scan (1.28M files) is slow on network disks, so with `cache_dir` the scanned list is
+stored as gzip text (`imagenet_train_<root hash>.txt.gz`: a JSON header line, then one file name per
+line, class after class) and reused while the tree is unchanged. The cache key is the resolved
+root path, the sorted class folder names and each class folder's mtime_ns: adding or removing an
+image changes its folder's mtime and so invalidates the cache.
+"""
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+
+from datasets.benchmarks import BENCHMARKS, get_eval_split
+from datasets.image_lists import (IMAGE_EXTENSIONS, DataError, Sample, check_files_exist,
+                                  list_images, list_subfolders, read_list_file)
+
+IMAGENET_TRAIN_SUBDIR = os.path.join("ImageNet", "Data", "CLS-LOC", "train")
+IMAGENET_LAYOUT = "<data_root>/ImageNet/Data/CLS-LOC/train/<wnid>/<image>"
+TRAIN_DATASETS = ("ImageNet", "Folder") + tuple(BENCHMARKS)
+
+_CACHE_FORMAT = "resend-train-list-cache"
+_CACHE_VERSION = 1
+
+
+def scan_class_folders(root: str, class_names: list[str]) -> list[Sample]:
+    """Every image of `root/<class>` for each class, labelled by its index in `class_names`."""
+    samples: list[Sample] = []
+    for label, cls in enumerate(class_names):
+        folder = os.path.join(root, cls)
+        images = list_images(folder)
+        if not images:
+            raise DataError(f"class folder {folder} contains no images "
+                            f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+        samples.extend((path, label) for path in images)
+    return samples
+
+
+def _class_folder_names(root: str, layout: str) -> list[str]:
+    """Sorted class folder names under `root`; at least two are needed to form negative pairs."""
+    if not os.path.isdir(root):
+        raise DataError(f"training folder {root} does not exist; expected {layout}")
+    classes = list_subfolders(root)
+    _require_two_classes(len(classes), f"{root} (class folders: {', '.join(classes) or 'none'}; "
+                                       f"expected {layout})")
+    return classes
+
+
+def _require_two_classes(n_classes: int, where: str) -> None:
+    """Raise DataError unless there are at least two classes."""
+    if n_classes < 2:
+        raise DataError(f"training needs at least two classes, found {n_classes} in {where}: "
+                        f"with fewer, no negative pairs exist")
+
+
+def folder_train_samples(train_dir: str | None) -> list[Sample]:
+    """Images of `train_dir/<class>/<image>`, labels by sorted class folder name."""
+    if train_dir is None:
+        raise DataError("the Folder training dataset needs train_dir (<train_dir>/<class>/<image>)")
+    classes = _class_folder_names(train_dir, f"{train_dir}/<class>/<image>")
+    return scan_class_folders(train_dir, classes)
+
+
+def imagenet_train_samples(data_root: str, path_to_txt: str | None = None,
+                           cache_dir: str | None = None) -> list[Sample]:
+    """ImageNet training images from the folder tree (cached in cache_dir) or the authors' list."""
+    if not os.path.isdir(data_root):
+        raise DataError(f"data root {data_root} does not exist; ImageNet training expects "
+                        f"{IMAGENET_LAYOUT}")
+    if path_to_txt is not None:
+        return _imagenet_from_list(os.path.join(path_to_txt, "ImageNet", "train.txt"), data_root)
+    train_dir = os.path.abspath(os.path.join(data_root, IMAGENET_TRAIN_SUBDIR))
+    classes = _class_folder_names(train_dir, IMAGENET_LAYOUT)
+    if cache_dir is None:
+        return scan_class_folders(train_dir, classes)
+    key = _tree_key(train_dir, classes)
+    root_hash = hashlib.sha256(os.path.realpath(train_dir).encode()).hexdigest()[:16]
+    cache_path = os.path.join(cache_dir, f"imagenet_train_{root_hash}.txt.gz")
+    cached = _read_cache(cache_path, key, train_dir)
+    if cached is not None:
+        return cached
+    samples = scan_class_folders(train_dir, classes)
+    _write_cache(cache_path, key, train_dir, classes, samples)
+    return samples
+
+
+def _imagenet_from_list(list_path: str, data_root: str) -> list[Sample]:
+    """The authors' `ImageNet/train.txt` (`<path relative to data root> <label>`), checked."""
+    samples = read_list_file(list_path, data_root)
+    _require_two_classes(len({label for _, label in samples}), list_path)
+    check_files_exist(samples)
+    return samples
+
+
+def _tree_key(train_dir: str, classes: list[str]) -> str:
+    """Digest identifying the tree's state: resolved root, class names, class folder mtimes."""
+    state = {
+        "version": _CACHE_VERSION,
+        "root": os.path.realpath(train_dir),
+        "classes": [[cls, os.stat(os.path.join(train_dir, cls)).st_mtime_ns] for cls in classes],
+    }
+    return hashlib.sha256(json.dumps(state).encode()).hexdigest()
+
+
+def _read_cache(cache_path: str, key: str, train_dir: str) -> list[Sample] | None:
+    """Samples from a cache file whose key matches; None if absent or stale."""
+    if not os.path.isfile(cache_path):
+        return None
+    try:
+        with gzip.open(cache_path, "rt", encoding="utf-8", newline="\n") as handle:
+            header = json.loads(handle.readline())
+            if not isinstance(header, dict) or header.get("format") != _CACHE_FORMAT:
+                raise ValueError(f"not a {_CACHE_FORMAT} file")
+            if header.get("key") != key:
+                return None
+            names = handle.read().split("\n")[:-1]
+    except (OSError, EOFError, ValueError) as error:
+        raise DataError(f"training list cache {cache_path} is unreadable ({error}); "
+                        f"delete it to rescan") from error
+    classes, counts = header["classes"], header["counts"]
+    if sum(counts) != len(names) or len(classes) != len(counts):
+        raise DataError(f"training list cache {cache_path} is inconsistent ({len(names)} names, "
+                        f"counts sum to {sum(counts)}); delete it to rescan")
+    samples: list[Sample] = []
+    start = 0
+    for label, (cls, count) in enumerate(zip(classes, counts)):
+        folder = os.path.join(train_dir, cls)
+        samples.extend((os.path.join(folder, name), label) for name in names[start:start + count])
+        start += count
+    return samples
+
+
+def _write_cache(cache_path: str, key: str, train_dir: str, classes: list[str],
+                 samples: list[Sample]) -> None:
+    """Store the scanned samples compactly (file names only), atomically."""
+    counts = [0] * len(classes)
+    names = []
+    for path, label in samples:
+        name = os.path.basename(path)
+        if "\n" in name:
+            raise DataError(f"cannot cache the training list: file name {path!r} contains a "
+                            f"newline; rename it or run without a cache_dir")
+        counts[label] += 1
+        names.append(name)
+    header = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "key": key,
+              "root": os.path.realpath(train_dir), "classes": classes, "counts": counts}
+    payload = json.dumps(header) + "\n" + "".join(name + "\n" for name in names)
+    cache_dir = os.path.dirname(os.path.abspath(cache_path))
+    os.makedirs(cache_dir, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_", suffix=".gz")
+    try:
+        with os.fdopen(handle, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as out:
+            out.write(payload.encode("utf-8"))
+        os.replace(temp_path, cache_path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+def train_samples(dataset: str, data_root: str | None, path_to_txt: str | None = None,
+                  train_dir: str | None = None, cache_dir: str | None = None,
+                  target: str | None = None) -> list[Sample]:
+    """Training samples of `dataset`: ImageNet, a Folder tree, or a benchmark target's support set."""
+    if dataset == "ImageNet":
+        if data_root is None:
+            raise DataError(f"ImageNet training needs data_root ({IMAGENET_LAYOUT})")
+        return imagenet_train_samples(data_root, path_to_txt, cache_dir)
+    if dataset == "Folder":
+        return folder_train_samples(train_dir)
+    if dataset in BENCHMARKS:
+        return get_eval_split(dataset, target, data_root, path_to_txt).support
+    raise DataError(f"unknown training dataset {dataset!r}; valid: {', '.join(TRAIN_DATASETS)}")

@@ -1,0 +1,83 @@
+"""Plug-and-play Python API: load a checkpoint folder, set the known classes, score new images.
+
+    from evaluation.api import NoveltyDetector
+    detector = NoveltyDetector.from_folder("outputs/ImageNet_resnet18_rel_transformer")
+    detector.fit(["cat1.jpg", "cat2.jpg", "dog1.jpg"], [0, 0, 1])   # support images and labels
+    result = detector.score(["query.jpg"])                           # result.normality, result.pred
+"""
+from typing import Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from datasets.image_lists import load_image
+from datasets.transforms import eval_transform
+from evaluation.evaluate import DEFAULT_PAIR_CHUNK, relational_similarity
+from evaluation.scorers import ScoreResult, Scorer, build_scorer
+from models.checkpoint import LoadedModel, load_model_folder
+from utils.precision import autocast
+
+ImageLike = Union[str, Image.Image]
+
+
+class NoveltyDetector:
+    """ReSeND as a library: features of images, prototypes of known classes, normality scores."""
+
+    def __init__(self, model: LoadedModel, device: Union[str, torch.device] = "cpu", amp: str = "none",
+                 image_size: int = 224, scorer: str = "resend", nnk: int = 1,
+                 compression: float = 10.0, expansion: float = 2.0, batch_size: int = 64) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.amp = amp
+        self.transform = eval_transform(image_size)
+        self.batch_size = batch_size
+        model.backbone.to(self.device).eval()
+        model.relational.to(self.device).eval()
+        similarity = relational_similarity(model.relational, model.objective, compression, expansion,
+                                           self.device, amp)
+        self.scorer: Scorer = build_scorer(scorer, similarity=similarity, k=nnk, chunk_size=DEFAULT_PAIR_CHUNK)
+        self._fitted = False
+
+    @classmethod
+    def from_folder(cls, folder: str, device: Union[str, torch.device] = "cpu", n_heads: int = 12,
+                    **kwargs) -> "NoveltyDetector":
+        """Load `feature_extractor.pkl` + `cls_rel.pkl` from a checkpoint folder (authors' or ours)."""
+        return cls(load_model_folder(folder, n_heads=n_heads, device=str(device)), device=device, **kwargs)
+
+    @torch.inference_mode()
+    def features(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Backbone features [N, D] of image paths or PIL images."""
+        feats = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [self.transform(load_image(x) if isinstance(x, str) else x.convert("RGB"))
+                     for x in images[start:start + self.batch_size]]
+            pixels = torch.stack(batch).to(self.device).contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp):
+                feats.append(self.model.backbone(pixels).float())
+        if not feats:
+            raise ValueError("no images given")
+        return torch.cat(feats)
+
+    def _as_features(self, inputs: Union[torch.Tensor, Sequence[ImageLike]]) -> torch.Tensor:
+        if isinstance(inputs, torch.Tensor):
+            if inputs.ndim != 2 or inputs.shape[1] != self.model.backbone.feat_dim:
+                raise ValueError(f"features must have shape [N, {self.model.backbone.feat_dim}], "
+                                 f"got {tuple(inputs.shape)}")
+            return inputs.to(self.device).float()
+        return self.features(inputs)
+
+    def fit(self, support: Union[torch.Tensor, Sequence[ImageLike]], labels: Sequence[int]) -> "NoveltyDetector":
+        """Known classes from support images (or their features) and labels 0..C-1."""
+        feats = self._as_features(support)
+        label_tensor = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
+        if label_tensor.numel() != feats.shape[0]:
+            raise ValueError(f"{feats.shape[0]} support samples but {label_tensor.numel()} labels")
+        self.scorer.fit(feats, label_tensor)
+        self._fitted = True
+        return self
+
+    def score(self, queries: Union[torch.Tensor, Sequence[ImageLike]]) -> ScoreResult:
+        """Normality (higher = more likely a known class) and predicted known class per query."""
+        if not self._fitted:
+            raise RuntimeError("call fit() with the support set before score()")
+        return self.scorer.score(self._as_features(queries))

@@ -1,0 +1,232 @@
+"""Prototype evaluation: features once per image -> scorer -> metrics -> JSON, per-sample CSV, TensorBoard.
+
+Used by `train.py --only_eval` and by the periodic evaluation during training. The work is
+sharded over processes when launched distributed; rank 0 computes the metrics and writes files.
+"""
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from datasets.benchmarks import EvalSplit
+from datasets.image_lists import check_files_exist
+from evaluation.features import extract_features
+from evaluation.metrics import compute_metrics
+from evaluation.scorers import ScoreResult, build_scorer, few_shot_indices
+from models.objective import same_class_score
+from utils.distributed import gather_by_index, get_world_size, is_main_process
+from utils.precision import autocast
+
+# Pairs per relational-module call: large enough to amortise the per-call overhead, small enough
+# that a [chunk, 3, 768] activation stack fits comfortably on a small GPU.
+DEFAULT_PAIR_CHUNK = 16384
+
+
+@dataclass
+class EvalSettings:
+    """Everything that decides how a split is scored (recorded in the output JSON)."""
+
+    scorer: str = "resend"
+    image_size: int = 224
+    batch_size: int = 256
+    num_workers: int = 4
+    amp: str = "none"
+    few_shot: Optional[int] = None
+    seed: int = 0
+    nnk: int = 1
+    compression: float = 10.0
+    expansion: float = 2.0
+    pair_chunk: int = DEFAULT_PAIR_CHUNK
+
+    def scorer_kwargs(self) -> Dict[str, Any]:
+        """Keyword context every scorer constructor may pick from."""
+        return {"k": self.nnk, "chunk_size": self.pair_chunk}
+
+
+@dataclass
+class EvalResult:
+    """Metrics and per-sample outputs of one (dataset, target) evaluation."""
+
+    dataset: str
+    target: str
+    scorer: str
+    metrics: Dict[str, Any]
+    extra_metrics: Dict[str, Dict[str, Any]]
+    normality: np.ndarray
+    preds: Optional[np.ndarray]
+    labels: np.ndarray
+    paths: List[str]
+    known_classes: int
+    n_support: int
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def relational_similarity(relational: torch.nn.Module, objective: str, compression: float,
+                          expansion: float, device: torch.device,
+                          amp: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The pair similarity used by the ReSeND scorers: higher means 'same class'."""
+    relational.eval()
+
+    @torch.inference_mode()
+    def similarity(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            logits = relational(feat_a, feat_b)
+        return same_class_score(logits.float(), objective, compression, expansion)
+
+    return similarity
+
+
+def select_support(split: EvalSplit, few_shot: Optional[int], seed: int) -> List:
+    """The support samples actually used: all of them, or `few_shot` random ones per class."""
+    if not few_shot:
+        return list(split.support)
+    labels = np.array([label for _, label in split.support])
+    return [split.support[i] for i in few_shot_indices(labels, few_shot, seed)]
+
+
+def validate_split(split: EvalSplit) -> None:
+    """Refuse a split that cannot be scored, before any feature is computed or file written."""
+    where = f"{split.dataset}/{split.target}"
+    if not split.support:
+        raise ValueError(f"{where}: the support set is empty")
+    if not split.scored:
+        raise ValueError(f"{where}: the scored set is empty")
+    scored_labels = {label for _, label in split.scored}
+    if not any(label < split.known_classes for label in scored_labels):
+        raise ValueError(f"{where}: the scored set holds no image of a known class")
+    if not any(label >= split.known_classes for label in scored_labels):
+        raise ValueError(f"{where}: the scored set holds no image of an unknown class")
+    check_files_exist(split.support)
+    check_files_exist(split.scored)
+
+
+def evaluate_split(backbone: torch.nn.Module, relational: torch.nn.Module, objective: str,
+                   split: EvalSplit, settings: EvalSettings, device: torch.device) -> Optional[EvalResult]:
+    """Score one split; returns the result on rank 0 and None on the other ranks."""
+    validate_split(split)
+    seconds: Dict[str, float] = {}
+    start = time.perf_counter()
+    support = select_support(split, settings.few_shot, settings.seed)
+    support_set = extract_features(backbone, support, settings.image_size, settings.batch_size,
+                                   settings.num_workers, device, settings.amp,
+                                   desc=f"{split.target} support").gathered()
+    seconds["support_features"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    target_set = extract_features(backbone, split.scored, settings.image_size, settings.batch_size,
+                                  settings.num_workers, device, settings.amp,
+                                  desc=f"{split.target} targets")
+    seconds["target_features"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    similarity = relational_similarity(relational, objective, settings.compression,
+                                       settings.expansion, device, settings.amp)
+    scorer = build_scorer(settings.scorer, similarity=similarity, **settings.scorer_kwargs())
+    scorer.fit(support_set.feats, support_set.labels)
+    local = scorer.score(target_set.feats)
+    # Each process scored its own shard: put the rows back in list order on every process.
+    result = _gather_result(local, target_set.indices, target_set.total)
+    seconds["scoring"] = time.perf_counter() - start
+    if not is_main_process():
+        return None
+
+    labels = np.array([label for _, label in split.scored])
+    normality = result.normality.cpu().numpy().astype(np.float64)
+    preds = None if result.pred is None else result.pred.cpu().numpy()
+    metrics = compute_metrics(normality, labels, preds, split.known_classes)
+    extra_metrics = {name: compute_metrics(values.cpu().numpy().astype(np.float64), labels, preds,
+                                           split.known_classes)
+                     for name, values in result.extra.items()}
+    return EvalResult(dataset=split.dataset, target=split.target, scorer=settings.scorer,
+                      metrics=metrics, extra_metrics=extra_metrics, normality=normality,
+                      preds=preds, labels=labels, paths=[path for path, _ in split.scored],
+                      known_classes=split.known_classes, n_support=len(support), seconds=seconds)
+
+
+def _gather_result(local: ScoreResult, indices: torch.Tensor, total: int) -> ScoreResult:
+    """Gather a sharded ScoreResult by sample index (identity in a single process)."""
+    if get_world_size() == 1:
+        return local
+    gather = lambda values: gather_by_index(values, indices, total)  # noqa: E731
+    return ScoreResult(normality=gather(local.normality),
+                       pred=None if local.pred is None else gather(local.pred),
+                       extra={name: gather(values) for name, values in local.extra.items()})
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Write a text file via a temporary name so that readers never see half a file."""
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    with open(tmp_path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp_path, path)
+
+
+def write_eval_outputs(result: EvalResult, eval_dir: str, settings_record: Dict[str, Any]) -> Dict[str, str]:
+    """Write `<dataset>_<target>.json` and `<dataset>_<target>_scores.csv` into `eval_dir`."""
+    os.makedirs(eval_dir, exist_ok=True)
+    stem = f"{result.dataset}_{result.target}"
+    if result.scorer != "resend":
+        stem = f"{stem}_{result.scorer}"
+    record = {"dataset": result.dataset, "target": result.target, "scorer": result.scorer,
+              **result.metrics, "known_classes": result.known_classes, "n_support": result.n_support,
+              "extra_metrics": result.extra_metrics,
+              "seconds": {name: round(value, 3) for name, value in result.seconds.items()},
+              "settings": settings_record}
+    json_path = os.path.join(eval_dir, f"{stem}.json")
+    csv_path = os.path.join(eval_dir, f"{stem}_scores.csv")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "label", "known", "normality", "pred"])
+    for i, path in enumerate(result.paths):
+        label = int(result.labels[i])
+        pred = "" if result.preds is None else int(result.preds[i])
+        writer.writerow([path, label, int(label < result.known_classes), f"{result.normality[i]:.8g}", pred])
+    _atomic_write(csv_path, buffer.getvalue())
+    _atomic_write(json_path, json.dumps(record, indent=2) + "\n")
+    return {"json": json_path, "csv": csv_path}
+
+
+def log_to_tensorboard(writer: Any, result: EvalResult, step: int) -> None:
+    """Scalars, known/unknown score histograms and a PR curve under `eval/<dataset>_<target>/`."""
+    tag = f"eval/{result.dataset}_{result.target}"
+    if result.scorer != "resend":
+        tag = f"{tag}_{result.scorer}"
+    for name in ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc"):
+        if result.metrics.get(name) is not None:
+            writer.add_scalar(f"{tag}/{name}", result.metrics[name], step)
+    is_known = result.labels < result.known_classes
+    writer.add_histogram(f"{tag}/normality_known", result.normality[is_known], step)
+    writer.add_histogram(f"{tag}/normality_unknown", result.normality[~is_known], step)
+    writer.add_pr_curve(f"{tag}/pr_known", is_known.astype(np.int64), result.normality, step)
+    writer.flush()
+
+
+def format_table(results: Sequence[EvalResult]) -> str:
+    """A fixed-width table: one row per (scorer, target), plus each scorer's average row."""
+    columns = ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc")
+    header = f"{'dataset':<18} {'target':<12} {'scorer':<12} " + " ".join(f"{c:>14}" for c in columns)
+    lines = [header, "-" * len(header)]
+
+    def row(dataset: str, target: str, scorer: str, values: Dict[str, Any]) -> str:
+        cells = " ".join(f"{'-':>14}" if values.get(c) is None else f"{values[c]:>14.4f}" for c in columns)
+        return f"{dataset:<18} {target:<12} {scorer:<12} {cells}"
+
+    for result in results:
+        lines.append(row(result.dataset, result.target, result.scorer, result.metrics))
+    scorers = sorted({result.scorer for result in results})
+    for scorer in scorers:
+        group = [r for r in results if r.scorer == scorer]
+        if len(group) < 2:
+            continue
+        average = {}
+        for c in columns:
+            values = [r.metrics[c] for r in group if r.metrics.get(c) is not None]
+            average[c] = float(np.mean(values)) if values else None
+        lines.append(row(group[0].dataset, "average", scorer, average))
+    return "\n".join(lines)

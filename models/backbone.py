@@ -1,0 +1,76 @@
+"""ResNet feature extractor (torchvision ResNet without its classifier) with optional block FeatureNorms."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tv_models
+
+NETWORKS = {"resnet18": 512, "resnet50": 2048}
+
+_BUILDERS = {
+    "resnet18": (tv_models.resnet18, tv_models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet50": (tv_models.resnet50, tv_models.ResNet50_Weights.IMAGENET1K_V1),
+}
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def block_feature_norm(block_output: Tensor) -> Tensor:
+    """FeatureNorm of a block output [B, C, H, W]: per-channel L2 norm over space, then mean over channels."""
+    # float32 so that a bf16 autocast forward does not lose the norm's precision.
+    return torch.linalg.vector_norm(block_output.float(), ord=2, dim=(2, 3)).mean(dim=1)
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet18/50 up to the global average pool; outputs flattened features [B, feat_dim]."""
+
+    def __init__(self, network: str = "resnet18", weights: str | None = None) -> None:
+        super().__init__()
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}; valid networks: {sorted(NETWORKS)}")
+        builder, imagenet_weights = _BUILDERS[network]
+        if weights is not None and weights != "imagenet" and not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"backbone weights must be None, 'imagenet' or an existing state-dict file; got {weights!r}")
+        resnet = builder(weights=imagenet_weights if weights == "imagenet" else None)
+        self.network = network
+        self.feat_dim = NETWORKS[network]
+        # Same attribute names as torchvision so state_dict keys match the authors' top-level copy.
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4
+        self.avgpool = resnet.avgpool
+        if weights is not None and weights != "imagenet":
+            self._load_weights_file(weights)
+
+    def _load_weights_file(self, path: str) -> None:
+        """Load a backbone state dict file in our layout or the authors' doubled layout (strict)."""
+        # Imported here because models.checkpoint imports this module at import time.
+        from models.checkpoint import backbone_state_from_any, load_state_strict, read_state_file
+
+        state = backbone_state_from_any(read_state_file(path))
+        load_state_strict(self, state, source=path)
+
+    def block_names(self) -> list[str]:
+        """Names of the residual blocks in forward order, e.g. ["layer1.0", "layer1.1", ...]."""
+        return [f"{stage}.{i}" for stage in _STAGES for i in range(len(getattr(self, stage)))]
+
+    def forward(self, x: Tensor, return_block_norms: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Features [B, feat_dim]; with return_block_norms also the per-block FeatureNorms [B, n_blocks]."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        norms = []
+        for stage in _STAGES:
+            for block in getattr(self, stage):
+                x = block(x)
+                if return_block_norms:
+                    norms.append(block_feature_norm(x))
+        feats = torch.flatten(self.avgpool(x), 1)
+        if return_block_norms:
+            return feats, torch.stack(norms, dim=1)
+        return feats

@@ -1,0 +1,105 @@
+"""Training path of train.py on a tiny generated Folder data set (CPU, random init)."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import train
+from models.checkpoint import load_model_folder
+from training.state import TRAIN_STATE_FILE
+
+
+@pytest.fixture
+def train_root(image_tree, tmp_path):
+    """Three colour-coded classes of four 20-px images."""
+    return image_tree({"train/a": 4, "train/b": 4, "train/c": 4}, root=tmp_path / "data", size=20) / "train"
+
+
+def train_argv(train_dir, out, *extra):
+    return ["--dataset", "Folder", "--train_dir", str(train_dir), "--checkpoint_folder_path", str(out),
+            "--image_size", "32", "--batch_size", "8", "--neg_to_pos_ratio", "1", "--transf_depth", "1",
+            "--backbone_weights", "none", "--num_workers", "0", "--device", "cpu", "--warmup", "1",
+            "--log_period", "3", "--save_period", "3", "--eval_period", "1000", *extra]
+
+
+def run(argv):
+    args = train.get_args_parser().parse_args(argv)
+    train.main(args)
+    return args
+
+
+def final_state(folder):
+    state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=False)
+    return {**{f"b.{k}": v for k, v in state["backbone"].items()},
+            **{f"r.{k}": v for k, v in state["relational"].items()}}
+
+
+def test_run_writes_authors_files_state_logs_and_tensorboard(train_root, tmp_path):
+    out = tmp_path / "out"
+    run(train_argv(train_root, out, "--iterations", "4"))
+    folder = out / "Folder_resnet18_rel_transformer"
+    for name in ("feature_extractor.pkl", "cls_rel.pkl", "last_checkpoint.txt", TRAIN_STATE_FILE,
+                 "args.json", "args.yaml", "out.txt"):
+        assert (folder / name).is_file(), name
+    assert (folder / "last_checkpoint.txt").read_text().strip() == "4"
+    assert any(f.startswith("events") for f in os.listdir(folder / "tensorboard"))
+    log = (folder / "out.txt").read_text()
+    assert "it 3/4" in log and "acc_same" in log
+    assert json.loads((folder / "args.json").read_text())["iterations"] == 4
+    model = load_model_folder(str(folder))
+    assert model.objective == "L2" and model.iteration == 4
+    # A second run never overwrites the first one.
+    run(train_argv(train_root, out, "--iterations", "1"))
+    assert (out / "Folder_resnet18_rel_transformer_1" / "cls_rel.pkl").is_file()
+
+
+def test_resume_gives_the_uninterrupted_weights(train_root, tmp_path):
+    straight = tmp_path / "straight"
+    run(train_argv(train_root, straight, "--iterations", "6", "--optimizer", "lars"))
+    split = tmp_path / "split"
+    run(train_argv(train_root, split, "--iterations", "3", "--optimizer", "lars"))
+    run(train_argv(train_root, split, "--iterations", "6", "--optimizer", "lars", "--resume"))
+    expected = final_state(straight / "Folder_resnet18_rel_transformer")
+    resumed = final_state(split / "Folder_resnet18_rel_transformer")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_loss_falls(train_root, tmp_path):
+    out = tmp_path / "out"
+    run(train_argv(train_root, out, "--iterations", "30", "--optimizer", "sgd", "--learning_rate", "0.01",
+                   "--clip_grad", "1.0", "--head_init", "zero", "--log_period", "5"))
+    log = (out / "Folder_resnet18_rel_transformer" / "out.txt").read_text()
+    losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", log)]
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--warmup", "10", "--iterations", "5"], "warmup"),
+    (["--batch_size", "100", "--iterations", "2"], "larger than one pass"),
+    (["--batch_size", "0", "--iterations", "2"], "batch_size"),
+    (["--resume", "--iterations", "2"], "checkpoint.pth"),
+])
+def test_bad_training_input_fails_before_writing(train_root, tmp_path, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match=message):
+        run(train_argv(train_root, out, *extra))
+    written = [p.name for p in out.iterdir()] if out.exists() else []
+    assert [name for name in written if name != ".cache"] == []
+
+
+def test_bad_training_data(image_tree, tmp_path):
+    one_class = image_tree({"only/a": 3}, root=tmp_path / "d1") / "only"
+    with pytest.raises(Exception, match="negative pairs"):
+        run(train_argv(one_class, tmp_path / "out1", "--iterations", "2"))
+    empty_class = image_tree({"two/a": 3}, root=tmp_path / "d2") / "two"
+    (empty_class / "b").mkdir()
+    with pytest.raises(Exception, match="b"):
+        run(train_argv(empty_class, tmp_path / "out2", "--iterations", "2"))
+    with pytest.raises(Exception, match="nowhere"):
+        run(train_argv(tmp_path / "nowhere", tmp_path / "out3", "--iterations", "2"))
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out3").exists()

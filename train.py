@@ -1,0 +1,148 @@
+"""ReSeND: train the relational novelty detector on image pairs, or evaluate a checkpoint.
+
+Launch commands (see README.md for data layout and recipes):
+
+    # evaluate the authors' released checkpoint on every PACS target
+    python train.py --dataset PACS_DG --target all --only_eval \
+        --checkpoint_folder_path outputs/ImageNet_resnet18_rel_transformer/
+
+    # the paper's training run: 16 GPUs x 256 pairs, LARS, 13k iterations
+    torchrun --nproc_per_node=16 train.py
+    python -m torch.distributed.launch --nproc_per_node=16 --use_env train.py
+
+    # fewer GPUs, same effective batch of 4096 pairs
+    torchrun --nproc_per_node=4 train.py --accum_steps 4
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from datasets.benchmarks import EVAL_DATASETS
+from utils.distributed import add_distributed_args, cleanup, init_distributed_mode
+from utils.precision import AMP_MODES
+
+TRAIN_DATASETS = ("ImageNet", "Folder") + tuple(d for d in EVAL_DATASETS if d != "Folder")
+
+
+def str2bool(value: str) -> bool:
+    """Parse the authors' boolean flags (`--class_balancing False`)."""
+    lowered = str(value).lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """All command-line flags; names follow the authors' code where a flag exists there."""
+    parser = argparse.ArgumentParser("ReSeND", add_help=True,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="ImageNet", choices=sorted(set(TRAIN_DATASETS) | set(EVAL_DATASETS)),
+                      help="training set, or with --only_eval the benchmark to evaluate")
+    data.add_argument("--target", default=None,
+                      help="benchmark target domain (e.g. ArtPainting, Clipart) or 'all'")
+    data.add_argument("--data_root", default=os.path.expanduser("~/data"), help="root of the data sets")
+    data.add_argument("--path_to_txt", default=None,
+                      help="folder with the authors' list files (<dir>/<dataset>/<list>.txt) for exact reproduction")
+    data.add_argument("--source_dir", default=None, help="Folder eval: one subfolder per known class (support)")
+    data.add_argument("--target_dir", default=None, help="Folder eval: one subfolder per class to score")
+    data.add_argument("--train_dir", default=None, help="Folder training: one subfolder per class")
+    data.add_argument("--image_size", type=int, default=224)
+    data.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--network", default="resnet18", choices=["resnet18", "resnet50"])
+    model.add_argument("--backbone_weights", default="imagenet",
+                       help="'imagenet' (torchvision IMAGENET1K_V1), 'none' (random init) or a state-dict path")
+    model.add_argument("--transf_depth", type=int, default=4, help="relational transformer blocks")
+    model.add_argument("--transf_n_heads", type=int, default=12, help="attention heads per block")
+    model.add_argument("--head_init", default="vit", choices=["vit", "zero"],
+                       help="relational head init: ViT trunc-normal (authors) or zeros (from-scratch runs)")
+    model.add_argument("--loss_function", default="L2", choices=["L2", "CE"])
+    model.add_argument("--sigmoid_compression", type=float, default=10.0, help="c in e*sigmoid(c*x)-e/2")
+    model.add_argument("--sigmoid_expansion", type=float, default=2.0, help="e in e*sigmoid(c*x)-e/2")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--batch_size", type=int, default=256, help="pairs per process per micro-step")
+    train.add_argument("--accum_steps", type=int, default=1,
+                       help="micro-steps per optimiser step (effective batch = batch_size x world x accum)")
+    train.add_argument("--iterations", type=int, default=13000, help="optimiser steps")
+    train.add_argument("--learning_rate", type=float, default=0.008)
+    train.add_argument("--optimizer", default="lars", choices=["lars", "sgd"])
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--weight_decay", type=float, default=5e-4,
+                       help="authors' code value (the paper text says 5e-5)")
+    train.add_argument("--warmup", type=int, default=500, help="linear warm-up iterations")
+    train.add_argument("--step_after", type=int, default=13000, help="lr x0.1 every this many iterations")
+    train.add_argument("--lr_schedule", default="step", choices=["step", "cosine"],
+                       help="after warm-up: the authors' step decay, or cosine to 0")
+    train.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (off by default)")
+    train.add_argument("--neg_to_pos_ratio", type=int, default=20, help="negative pairs per anchor")
+    train.add_argument("--class_balancing", type=str2bool, default=True,
+                       help="extra anchors for classes smaller than the largest one")
+    train.add_argument("--min_scale", type=float, default=0.8, help="RandomResizedCrop scale min")
+    train.add_argument("--max_scale", type=float, default=1.0, help="RandomResizedCrop scale max")
+    train.add_argument("--random_horiz_flip", type=float, default=0.5)
+    train.add_argument("--jitter", type=float, default=0.8, help="ColorJitter brightness/contrast/saturation")
+    train.add_argument("--prob_jitter", type=float, default=0.5)
+    train.add_argument("--random_grayscale", type=float, default=0.1)
+    train.add_argument("--amp", default="none", choices=AMP_MODES, help="mixed precision (CUDA and CPU)")
+    train.add_argument("--sync_bn", type=str2bool, default=None,
+                       help="SyncBatchNorm when distributed (default: on for CUDA, off on the CPU)")
+    train.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("run folder, logging, checkpoints")
+    run.add_argument("--checkpoint_folder_path", default="outputs",
+                     help="training: parent of the run folder; --only_eval: the checkpoint folder")
+    run.add_argument("--suffix", default=None, help="appended to the run folder name")
+    run.add_argument("--resume", nargs="?", const="auto", default=None,
+                     help="continue from a run folder's checkpoint.pth (no value: this run's folder)")
+    run.add_argument("--auto_resume", action="store_true",
+                     help="resume when the run folder already holds a checkpoint (for torchrun --max_restarts)")
+    run.add_argument("--pretrained", default=None,
+                     help="initialise from a checkpoint folder (authors' or ours) and start at iteration 0")
+    run.add_argument("--log_period", type=int, default=10)
+    run.add_argument("--save_period", type=int, default=500)
+    run.add_argument("--eval_period", type=int, default=500)
+    run.add_argument("--eval_dataset", default=None,
+                     help="periodic evaluation benchmark (default: DomainNet_IN_OUT for ImageNet, else none)")
+    run.add_argument("--eval_target", default=None, help="target(s) of --eval_dataset")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--only_eval", action="store_true", help="evaluate --checkpoint_folder_path")
+    evaluation.add_argument("--eval_batch_size", type=int, default=256)
+    evaluation.add_argument("--few_shot", type=int, default=None, help="N random support images per class")
+    evaluation.add_argument("--most_significant_prototypes", action="store_true",
+                            help="up to NNK prototypes per class (farthest-point selection)")
+    evaluation.add_argument("--knn_distance_evaluator", action="store_true",
+                            help="score against every support sample; mean of the NNK largest")
+    evaluation.add_argument("--NNK", type=int, default=1, help="K for the two variants above")
+
+    add_distributed_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    """Set up processes, then evaluate (--only_eval) or train."""
+    if args.device == "cpu" or not torch.cuda.is_available():
+        # Saturated sigmoid gradients become denormal floats, which make CPU steps ~30x slower.
+        torch.set_flush_denormal(True)
+    init_distributed_mode(args)
+    try:
+        if args.only_eval:
+            from evaluation.run import run_only_eval
+            run_only_eval(args)
+        else:
+            from training.loop import run_training
+            run_training(args)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args(sys.argv[1:]))

@@ -1,0 +1,100 @@
+"""An endless, resumable stream of pair batches: pairs redrawn every pass, sharded over processes."""
+from typing import Callable, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from datasets.image_lists import Sample
+from datasets.pairs import PairDataset, make_pairs, pass_rng
+
+
+class SeededItems(Dataset):
+    """Seeds torch's RNG from (seed, pass, index) before each item.
+
+    The random augmentations of a pair then depend only on which pair it is, not on the number of
+    DataLoader workers or on where a run was resumed: this is what makes resume exact.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, pass_index: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.pass_index = pass_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item_seed = np.random.SeedSequence([self.seed, self.pass_index, index]).generate_state(1)[0]
+        torch.manual_seed(int(item_seed))
+        return self.dataset[index]
+
+
+class SkipFirst(Sampler):
+    """Yields a sampler's indices after the first `skip` ones (resuming in the middle of a pass)."""
+
+    def __init__(self, sampler: Sampler, skip: int) -> None:
+        self.sampler = sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(iter(self.sampler))
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+class PairStream:
+    """Pair batches for one process, pass after pass, starting at any global micro-step."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, neg_to_pos_ratio: int,
+                 class_balancing: bool, batch_size: int, num_workers: int, seed: int, rank: int,
+                 world_size: int, pin_memory: bool) -> None:
+        self.samples: List[Sample] = list(samples)
+        self.labels = np.fromiter((label for _, label in self.samples), dtype=np.int64,
+                                  count=len(self.samples))
+        self.transform = transform
+        self.neg_to_pos_ratio = neg_to_pos_ratio
+        self.class_balancing = class_balancing
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.pin_memory = pin_memory
+        # The number of pairs per pass does not depend on the draw, so it is known up front.
+        n_classes = len(np.unique(self.labels))
+        if class_balancing:
+            anchors = n_classes * int(np.bincount(np.unique(self.labels, return_inverse=True)[1]).max())
+        else:
+            anchors = len(self.labels)
+        self.pairs_per_pass = anchors * (1 + neg_to_pos_ratio)
+        self.batches_per_pass = (self.pairs_per_pass // world_size) // batch_size
+        if self.batches_per_pass == 0:
+            raise ValueError(
+                f"--batch_size {batch_size} x {world_size} process(es) is larger than one pass over the "
+                f"data ({self.pairs_per_pass} pairs): lower --batch_size or add data")
+
+    def _loader(self, pass_index: int, skip_batches: int) -> DataLoader:
+        anchor_idx, other_idx, relation = make_pairs(self.labels, self.neg_to_pos_ratio,
+                                                     self.class_balancing, pass_rng(self.seed, pass_index))
+        dataset = SeededItems(PairDataset(self.samples, anchor_idx, other_idx, relation, self.transform),
+                              self.seed, pass_index)
+        # Every rank drew the same pairs from the shared seed; the sampler's shards partition them.
+        sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=self.seed, drop_last=True)
+        sampler.set_epoch(pass_index)
+        return DataLoader(dataset, batch_size=self.batch_size,
+                          sampler=SkipFirst(sampler, skip_batches * self.batch_size),
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
+                          persistent_workers=False)
+
+    def batches(self, start_micro_step: int) -> Iterator[Tuple[int, tuple]]:
+        """Endless (pass_index, batch) from the given global micro-step on."""
+        pass_index, skip = divmod(start_micro_step, self.batches_per_pass)
+        while True:
+            for batch in self._loader(pass_index, skip):
+                yield pass_index, batch
+            pass_index, skip = pass_index + 1, 0

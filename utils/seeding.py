@@ -1,0 +1,58 @@
+"""Seeding and capturing/restoring every random number generator a training run uses.
+
+The captured state holds Python tuples and numpy arrays, so a training checkpoint that stores it
+must be loaded with `torch.load(..., weights_only=False)` (only ever load checkpoints you trust).
+"""
+import random
+from numbers import Integral
+
+import numpy as np
+import torch
+
+RNG_KEYS = ("python", "numpy", "torch")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, numpy's global generator and torch (CPU and every CUDA device)."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    torch.manual_seed(int(seed))
+
+
+def capture_rng_state() -> dict:
+    """Snapshot of the Python, numpy, torch CPU and (if available) CUDA generator states."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore a snapshot from `capture_rng_state`, refusing one whose CUDA part cannot be honoured."""
+    missing = [key for key in RNG_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"rng state lacks the keys {missing}; it has {sorted(state)}")
+    cuda_available = torch.cuda.is_available()
+    # A resumed run must redraw exactly what the interrupted one would have; a CUDA state that
+    # cannot be applied (or is absent on a CUDA machine) would break that silently.
+    if "cuda" in state and not cuda_available:
+        raise ValueError("rng state holds CUDA generator states but CUDA is not available")
+    if cuda_available:
+        if "cuda" not in state:
+            raise ValueError("rng state has no 'cuda' entry but CUDA is available: it was captured "
+                             "without CUDA and cannot restore the CUDA generators")
+        if len(state["cuda"]) != torch.cuda.device_count():
+            raise ValueError(f"rng state holds {len(state['cuda'])} CUDA generator states but "
+                             f"{torch.cuda.device_count()} CUDA devices are visible")
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    # Generator states must be CPU byte tensors; a checkpoint loaded with map_location="cuda" moves them.
+    torch.set_rng_state(state["torch"].cpu())
+    if cuda_available:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
