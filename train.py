@@ -2,6 +2,9 @@
 
 Launch commands (see README.md for data layout and recipes):
 
+    # the embedded demo: trains on scikit-learn's digits and scores novel digits (CPU, minutes)
+    python train.py --demo
+
     # evaluate the authors' released checkpoint on every PACS target
     python train.py --dataset PACS_DG --target all --only_eval \
         --checkpoint_folder_path outputs/ImageNet_resnet18_rel_transformer/
@@ -14,8 +17,10 @@ Launch commands (see README.md for data layout and recipes):
     torchrun --nproc_per_node=4 train.py --accum_steps 4
 """
 import argparse
+import copy
 import os
 import sys
+from typing import Sequence, Set
 
 import torch
 
@@ -113,6 +118,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="periodic evaluation benchmark (default: DomainNet_IN_OUT for ImageNet, else none)")
     run.add_argument("--eval_target", default=None, help="target(s) of --eval_dataset")
 
+    run.add_argument("--demo", action="store_true",
+                     help="train and evaluate on the embedded Digits data (settings: training/demo.py)")
+
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--only_eval", action="store_true", help="evaluate --checkpoint_folder_path")
     evaluation.add_argument("--eval_batch_size", type=int, default=256)
@@ -121,10 +129,35 @@ def get_args_parser() -> argparse.ArgumentParser:
                             help="up to NNK prototypes per class (farthest-point selection)")
     evaluation.add_argument("--knn_distance_evaluator", action="store_true",
                             help="score against every support sample; mean of the NNK largest")
-    evaluation.add_argument("--NNK", type=int, default=1, help="K for the two variants above")
+    evaluation.add_argument("--NNK", type=int, default=1, help="K for the two variants above and for knn")
+    evaluation.add_argument("--evaluator", default=None,
+                            help="scorer(s), comma-separated, or 'all': resend, resend_msp, resend_knn, "
+                                 "prototype_distance, prototype_cosine, knn, mahalanobis, featurenorm, "
+                                 "linear_probe (default: the one the flags above select)")
+    evaluation.add_argument("--backbone_only", action="store_true",
+                            help="evaluate the baselines on the --backbone_weights backbone alone, no checkpoint")
 
     add_distributed_args(parser)
     return parser
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set[str]:
+    """Destinations of the flags actually given in `argv` (defaults suppressed)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            probe._add_action(copy.copy(action)).default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse `argv`; with --demo, the demo's settings fill every flag not given explicitly."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        from training.demo import apply_demo_settings
+        apply_demo_settings(args, explicit_flags(parser, argv))
+    return args
 
 
 def main(args: argparse.Namespace) -> None:
@@ -137,6 +170,9 @@ def main(args: argparse.Namespace) -> None:
         if args.only_eval:
             from evaluation.run import run_only_eval
             run_only_eval(args)
+        elif args.demo:
+            from training.demo import run_demo
+            run_demo(args)
         else:
             from training.loop import run_training
             run_training(args)
@@ -145,4 +181,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args(sys.argv[1:]))
+    main(parse_command_line(sys.argv[1:]))

@@ -24,11 +24,12 @@ among the known classes are unknown, labelled after the known ones in sorted ord
 import os
 from dataclasses import dataclass
 
+from datasets.digits import DIGITS_TARGETS, digits_eval_split, digits_list_file_names
 from datasets.image_lists import (IMAGE_EXTENSIONS, DataError, Sample, check_files_exist,
                                   list_images, list_subfolders, read_list_file)
 
 EVAL_DATASETS = ("PACS_DG", "PACS_SS_DG", "OfficeHome_DG", "OfficeHome_SS_DG", "DomainNet_IN_OUT",
-                 "Folder")
+                 "Folder", "Digits")
 
 # Target name used for the Folder dataset when the caller gives none.
 FOLDER_DEFAULT_TARGET = "custom"
@@ -236,6 +237,8 @@ def dataset_targets(dataset: str) -> list[str]:
     _check_dataset(dataset)
     if dataset == "Folder":
         return [FOLDER_DEFAULT_TARGET]
+    if dataset == "Digits":
+        return list(DIGITS_TARGETS)
     return list(BENCHMARKS[dataset].targets)
 
 
@@ -259,6 +262,8 @@ def resolve_targets(dataset: str, target: str | None) -> list[str]:
 
 def list_file_names(dataset: str, target: str) -> tuple[str, str]:
     """(support list name, scored list name) of a benchmark target, as in the authors' lists."""
+    if dataset == "Digits":
+        return digits_list_file_names(target)
     bench = _benchmark(dataset)
     if target not in bench.targets:
         raise DataError(f"list_file_names needs one target of {dataset}, got {target!r}; "
@@ -268,6 +273,8 @@ def list_file_names(dataset: str, target: str) -> tuple[str, str]:
 
 def list_root(dataset: str, data_root: str) -> str:
     """The folder that list file paths are relative to (`<data_root>/DomainNet` for DomainNet)."""
+    if dataset == "Digits":
+        return data_root
     bench = _benchmark(dataset)
     if bench.name == "DomainNet_IN_OUT":
         return os.path.join(data_root, bench.root)
@@ -290,6 +297,8 @@ def get_eval_split(dataset: str, target: str | None, data_root: str | None,
         if path_to_txt is not None:
             raise DataError("path_to_txt applies to the benchmarks, not to the Folder dataset")
         return _folder_split(target, source_dir, target_dir)
+    if dataset == "Digits":
+        return digits_eval_split(target, data_root, path_to_txt)
     bench = BENCHMARKS[dataset]
     if data_root is None:
         raise DataError(f"{dataset} needs a data root; expected {bench.layout()}")

@@ -13,12 +13,13 @@ import os
 import tempfile
 
 from datasets.benchmarks import BENCHMARKS, get_eval_split
+from datasets.digits import digits_train_samples
 from datasets.image_lists import (IMAGE_EXTENSIONS, DataError, Sample, check_files_exist,
                                   list_images, list_subfolders, read_list_file)
 
 IMAGENET_TRAIN_SUBDIR = os.path.join("ImageNet", "Data", "CLS-LOC", "train")
 IMAGENET_LAYOUT = "<data_root>/ImageNet/Data/CLS-LOC/train/<wnid>/<image>"
-TRAIN_DATASETS = ("ImageNet", "Folder") + tuple(BENCHMARKS)
+TRAIN_DATASETS = ("ImageNet", "Folder") + tuple(BENCHMARKS) + ("Digits",)
 
 _CACHE_FORMAT = "resend-train-list-cache"
 _CACHE_VERSION = 1
@@ -169,6 +170,8 @@ def train_samples(dataset: str, data_root: str | None, path_to_txt: str | None =
         return imagenet_train_samples(data_root, path_to_txt, cache_dir)
     if dataset == "Folder":
         return folder_train_samples(train_dir)
+    if dataset == "Digits":
+        return digits_train_samples(data_root)
     if dataset in BENCHMARKS:
         return get_eval_split(dataset, target, data_root, path_to_txt).support
     raise DataError(f"unknown training dataset {dataset!r}; valid: {', '.join(TRAIN_DATASETS)}")

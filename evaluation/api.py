@@ -12,7 +12,7 @@ from PIL import Image
 
 from datasets.image_lists import load_image
 from datasets.transforms import eval_transform
-from evaluation.evaluate import DEFAULT_PAIR_CHUNK, relational_similarity
+from evaluation.evaluate import DEFAULT_PAIR_CHUNK, relational_similarity  # also registers the baselines
 from evaluation.scorers import ScoreResult, Scorer, build_scorer
 from models.checkpoint import LoadedModel, load_model_folder
 from utils.precision import autocast

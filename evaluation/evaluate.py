@@ -9,19 +9,26 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+import evaluation.baselines  # noqa: F401  (registers the post-hoc baselines)
 from datasets.benchmarks import EvalSplit
 from datasets.image_lists import check_files_exist
+from datasets.transforms import eval_transform
 from evaluation.features import extract_features
+from evaluation.jigsaw import JigsawTransform
 from evaluation.metrics import compute_metrics
-from evaluation.scorers import ScoreResult, build_scorer, few_shot_indices
+from evaluation.scorers import SCORERS, ScoreResult, build_scorer, few_shot_indices
 from models.objective import same_class_score
 from utils.distributed import gather_by_index, get_world_size, is_main_process
 from utils.precision import autocast
+
+# Scorers that use the relational module (all others are post-hoc baselines on the features).
+RELATIONAL_SCORERS = ("resend", "resend_msp", "resend_knn")
 
 # Pairs per relational-module call: large enough to amortise the per-call overhead, small enough
 # that a [chunk, 3, 768] activation stack fits comfortably on a small GPU.
@@ -32,7 +39,7 @@ DEFAULT_PAIR_CHUNK = 16384
 class EvalSettings:
     """Everything that decides how a split is scored (recorded in the output JSON)."""
 
-    scorer: str = "resend"
+    scorers: Tuple[str, ...] = ("resend",)
     image_size: int = 224
     batch_size: int = 256
     num_workers: int = 4
@@ -106,47 +113,78 @@ def validate_split(split: EvalSplit) -> None:
     check_files_exist(split.scored)
 
 
-def evaluate_split(backbone: torch.nn.Module, relational: torch.nn.Module, objective: str,
-                   split: EvalSplit, settings: EvalSettings, device: torch.device) -> Optional[EvalResult]:
-    """Score one split; returns the result on rank 0 and None on the other ranks."""
+def scorer_uses_block_norms(name: str) -> bool:
+    """Whether a registered scorer needs per-block FeatureNorms (and jigsaw support images)."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown evaluator {name!r}; registered: {', '.join(sorted(SCORERS))}")
+    return bool(getattr(SCORERS[name], "uses_block_norms", False))
+
+
+def evaluate_split(backbone: torch.nn.Module, relational: Optional[torch.nn.Module], objective: str,
+                   split: EvalSplit, settings: EvalSettings, device: torch.device) -> List[EvalResult]:
+    """Score one split with every scorer of `settings.scorers` on features computed once.
+
+    Returns one result per scorer on rank 0 and an empty list on the other ranks. `relational` may
+    be None (`--backbone_only`) when only post-hoc baselines are asked for.
+    """
     validate_split(split)
+    needs_relational = [name for name in settings.scorers if name in RELATIONAL_SCORERS]
+    if relational is None and needs_relational:
+        raise ValueError(f"{', '.join(needs_relational)} need(s) the relational module; "
+                         "--backbone_only evaluates the post-hoc baselines only")
+    needs_norms = any(scorer_uses_block_norms(name) for name in settings.scorers)
     seconds: Dict[str, float] = {}
     start = time.perf_counter()
     support = select_support(split, settings.few_shot, settings.seed)
-    support_set = extract_features(backbone, support, settings.image_size, settings.batch_size,
-                                   settings.num_workers, device, settings.amp,
-                                   desc=f"{split.target} support").gathered()
+    extract = partial(extract_features, backbone, image_size=settings.image_size,
+                      batch_size=settings.batch_size, num_workers=settings.num_workers, device=device,
+                      amp=settings.amp, return_block_norms=needs_norms)
+    support_set = extract(support, desc=f"{split.target} support").gathered()
+    jigsaw_set = None
+    if needs_norms:
+        # FeatureNorm's pseudo-novel images: the support images with their 3x3 tiles shuffled.
+        jigsaw_set = extract(support, desc=f"{split.target} jigsaw",
+                             transform=JigsawTransform(eval_transform(settings.image_size),
+                                                       seed=settings.seed)).gathered()
     seconds["support_features"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    target_set = extract_features(backbone, split.scored, settings.image_size, settings.batch_size,
-                                  settings.num_workers, device, settings.amp,
-                                  desc=f"{split.target} targets")
+    target_set = extract(split.scored, desc=f"{split.target} targets")
     seconds["target_features"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    similarity = relational_similarity(relational, objective, settings.compression,
-                                       settings.expansion, device, settings.amp)
-    scorer = build_scorer(settings.scorer, similarity=similarity, **settings.scorer_kwargs())
-    scorer.fit(support_set.feats, support_set.labels)
-    local = scorer.score(target_set.feats)
-    # Each process scored its own shard: put the rows back in list order on every process.
-    result = _gather_result(local, target_set.indices, target_set.total)
-    seconds["scoring"] = time.perf_counter() - start
-    if not is_main_process():
-        return None
-
+    similarity = None
+    if relational is not None:
+        similarity = relational_similarity(relational, objective, settings.compression,
+                                           settings.expansion, device, settings.amp)
     labels = np.array([label for _, label in split.scored])
-    normality = result.normality.cpu().numpy().astype(np.float64)
-    preds = None if result.pred is None else result.pred.cpu().numpy()
-    metrics = compute_metrics(normality, labels, preds, split.known_classes)
-    extra_metrics = {name: compute_metrics(values.cpu().numpy().astype(np.float64), labels, preds,
-                                           split.known_classes)
-                     for name, values in result.extra.items()}
-    return EvalResult(dataset=split.dataset, target=split.target, scorer=settings.scorer,
-                      metrics=metrics, extra_metrics=extra_metrics, normality=normality,
-                      preds=preds, labels=labels, paths=[path for path, _ in split.scored],
-                      known_classes=split.known_classes, n_support=len(support), seconds=seconds)
+    results = []
+    for name in settings.scorers:
+        start = time.perf_counter()
+        scorer = build_scorer(name, similarity=similarity, **settings.scorer_kwargs())
+        if scorer_uses_block_norms(name):
+            scorer.fit(support_set.feats, support_set.labels, block_norms=support_set.block_norms,
+                       jigsaw_block_norms=jigsaw_set.block_norms)
+            local = scorer.score(target_set.feats, block_norms=target_set.block_norms)
+        else:
+            scorer.fit(support_set.feats, support_set.labels)
+            local = scorer.score(target_set.feats)
+        # Each process scored its own shard: put the rows back in list order.
+        result = _gather_result(local, target_set.indices, target_set.total)
+        scorer_seconds = {**seconds, "scoring": time.perf_counter() - start}
+        if not is_main_process():
+            continue
+        normality = result.normality.cpu().numpy().astype(np.float64)
+        preds = None if result.pred is None else result.pred.cpu().numpy()
+        metrics = compute_metrics(normality, labels, preds, split.known_classes)
+        extra_metrics = {key: compute_metrics(values.cpu().numpy().astype(np.float64), labels, preds,
+                                              split.known_classes)
+                         for key, values in result.extra.items()}
+        results.append(EvalResult(dataset=split.dataset, target=split.target, scorer=name,
+                                  metrics=metrics, extra_metrics=extra_metrics, normality=normality,
+                                  preds=preds, labels=labels, paths=[path for path, _ in split.scored],
+                                  known_classes=split.known_classes, n_support=len(support),
+                                  seconds=scorer_seconds))
+    return results
 
 
 def _gather_result(local: ScoreResult, indices: torch.Tensor, total: int) -> ScoreResult:
@@ -207,26 +245,57 @@ def log_to_tensorboard(writer: Any, result: EvalResult, step: int) -> None:
     writer.flush()
 
 
-def format_table(results: Sequence[EvalResult]) -> str:
-    """A fixed-width table: one row per (scorer, target), plus each scorer's average row."""
-    columns = ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc")
-    header = f"{'dataset':<18} {'target':<12} {'scorer':<12} " + " ".join(f"{c:>14}" for c in columns)
-    lines = [header, "-" * len(header)]
+TABLE_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc")
 
-    def row(dataset: str, target: str, scorer: str, values: Dict[str, Any]) -> str:
-        cells = " ".join(f"{'-':>14}" if values.get(c) is None else f"{values[c]:>14.4f}" for c in columns)
-        return f"{dataset:<18} {target:<12} {scorer:<12} {cells}"
 
-    for result in results:
-        lines.append(row(result.dataset, result.target, result.scorer, result.metrics))
-    scorers = sorted({result.scorer for result in results})
-    for scorer in scorers:
-        group = [r for r in results if r.scorer == scorer]
-        if len(group) < 2:
-            continue
-        average = {}
-        for c in columns:
-            values = [r.metrics[c] for r in group if r.metrics.get(c) is not None]
-            average[c] = float(np.mean(values)) if values else None
-        lines.append(row(group[0].dataset, "average", scorer, average))
-    return "\n".join(lines)
+def summary_rows(results: Sequence[EvalResult], metric: str) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """Methods as rows, targets (and their average) as columns, for one metric."""
+    targets = list(dict.fromkeys(r.target for r in results))
+    rows = []
+    for scorer in dict.fromkeys(r.scorer for r in results):
+        row: Dict[str, Any] = {"method": scorer}
+        for r in results:
+            if r.scorer == scorer:
+                row[r.target] = r.metrics.get(metric)
+        values = [row[t] for t in targets if row.get(t) is not None]
+        if len(targets) > 1:
+            row["average"] = float(np.mean(values)) if len(values) == len(targets) else None
+        rows.append(row)
+    columns = targets + (["average"] if len(targets) > 1 else [])
+    return columns, rows
+
+
+def format_table(results: Sequence[EvalResult], metrics: Sequence[str] = ("auroc", "fpr95")) -> str:
+    """One block per metric: methods as rows, targets and their average as columns."""
+    if not results:
+        return "(no results)"
+    blocks = []
+    for metric in metrics:
+        columns, rows = summary_rows(results, metric)
+        width = max(12, *(len(c) + 2 for c in columns))
+        name_width = max(20, *(len(r["method"]) + 2 for r in rows))
+        header = f"{results[0].dataset + ' ' + metric:<{name_width}}" + "".join(f"{c:>{width}}" for c in columns)
+        lines = [header, "-" * len(header)]
+        for row in rows:
+            cells = "".join(f"{'-':>{width}}" if row.get(c) is None else f"{row[c]:>{width}.4f}" for c in columns)
+            lines.append(f"{row['method']:<{name_width}}{cells}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def summary_files(results: Sequence[EvalResult], eval_dir: str) -> Dict[str, str]:
+    """`<dataset>_summary.json` (every metric) and `<dataset>_summary.csv` (one row per method and metric)."""
+    dataset = results[0].dataset
+    record = {metric: summary_rows(results, metric)[1] for metric in TABLE_METRICS}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    columns = summary_rows(results, "auroc")[0]
+    writer.writerow(["metric", "method", *columns])
+    for metric in TABLE_METRICS:
+        for row in record[metric]:
+            writer.writerow([metric, row["method"], *("" if row.get(c) is None else f"{row[c]:.6f}" for c in columns)])
+    json_path = os.path.join(eval_dir, f"{dataset}_summary.json")
+    csv_path = os.path.join(eval_dir, f"{dataset}_summary.csv")
+    _atomic_write(json_path, json.dumps(record, indent=2) + "\n")
+    _atomic_write(csv_path, buffer.getvalue())
+    return {"json": json_path, "csv": csv_path}

@@ -1,6 +1,6 @@
 """Backbone features of an image list, computed once, in batches, sharded over processes."""
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -40,9 +40,13 @@ class FeatureSet:
 @torch.inference_mode()
 def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], image_size: int,
                      batch_size: int, num_workers: int, device: torch.device, amp: str = "none",
-                     return_block_norms: bool = False, desc: str = "features") -> FeatureSet:
-    """Run the backbone once over `samples`; each process handles its DistributedSampler shard."""
-    dataset = ImageListDataset(list(samples), eval_transform(image_size))
+                     return_block_norms: bool = False, desc: str = "features",
+                     transform: Optional[Callable] = None) -> FeatureSet:
+    """Run the backbone once over `samples`; each process handles its DistributedSampler shard.
+
+    `transform` replaces the evaluation transform (FeatureNorm's jigsaw-shuffled support images).
+    """
+    dataset = ImageListDataset(list(samples), transform or eval_transform(image_size))
     sampler = None
     if get_world_size() > 1:
         # shuffle=False keeps shards deterministic; the padding duplicates are dropped on gather.

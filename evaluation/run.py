@@ -1,29 +1,43 @@
 """`train.py --only_eval` and the periodic evaluation: splits -> evaluate_split -> files and table."""
 import argparse
-import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from datasets.benchmarks import EVAL_DATASETS, EvalSplit, get_eval_split, resolve_targets
-from evaluation.evaluate import (EvalResult, EvalSettings, _atomic_write, evaluate_split,
-                                 format_table, log_to_tensorboard, validate_split,
+from evaluation.evaluate import (RELATIONAL_SCORERS, EvalResult, EvalSettings, evaluate_split,
+                                 format_table, log_to_tensorboard, summary_files, validate_split,
                                  write_eval_outputs)
+from evaluation.scorers import SCORERS
+from models.backbone import ResNetBackbone
 from models.checkpoint import load_model_folder
 from utils.distributed import is_main_process
 from utils.logger import TensorBoardWriter
 
 
-def scorer_name(args: argparse.Namespace) -> str:
-    """The ReSeND scorer the authors' flags select."""
+def scorer_names(args: argparse.Namespace) -> Tuple[str, ...]:
+    """The scorers to run: `--evaluator` (a list, or `all`), else the one the authors' flags select."""
     if args.most_significant_prototypes and args.knn_distance_evaluator:
         raise ValueError("choose one of --most_significant_prototypes and --knn_distance_evaluator")
+    if args.evaluator:
+        if args.evaluator == "all":
+            names = [name for name in SCORERS if not (args.backbone_only and name in RELATIONAL_SCORERS)]
+        else:
+            names = [name.strip() for name in args.evaluator.split(",") if name.strip()]
+        unknown = [name for name in names if name not in SCORERS]
+        if unknown or not names:
+            raise ValueError(f"unknown --evaluator {', '.join(unknown) or repr(args.evaluator)}; "
+                             f"valid: {', '.join(SCORERS)}, all")
+        return tuple(dict.fromkeys(names))
+    if args.backbone_only:
+        raise ValueError("--backbone_only scores with post-hoc baselines: give --evaluator "
+                         f"(e.g. all or {', '.join(n for n in SCORERS if n not in RELATIONAL_SCORERS)})")
     if args.most_significant_prototypes:
-        return "resend_msp"
+        return ("resend_msp",)
     if args.knn_distance_evaluator:
-        return "resend_knn"
-    return "resend"
+        return ("resend_knn",)
+    return ("resend",)
 
 
 def eval_settings(args: argparse.Namespace) -> EvalSettings:
@@ -34,7 +48,7 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
         raise ValueError(f"--NNK must be positive, got {args.NNK}")
     if args.eval_batch_size <= 0:
         raise ValueError(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
-    return EvalSettings(scorer=scorer_name(args), image_size=args.image_size,
+    return EvalSettings(scorers=scorer_names(args), image_size=args.image_size,
                         batch_size=args.eval_batch_size, num_workers=args.num_workers, amp=args.amp,
                         few_shot=args.few_shot, seed=args.seed, nnk=args.NNK,
                         compression=args.sigmoid_compression, expansion=args.sigmoid_expansion)
@@ -55,7 +69,7 @@ def settings_record(args: argparse.Namespace, settings: EvalSettings, checkpoint
                     network: str, objective: str, iteration: Optional[int]) -> Dict[str, Any]:
     """What the JSON records about how the numbers were made."""
     return {"checkpoint": os.path.abspath(checkpoint), "iteration": iteration, "network": network,
-            "objective": objective, "scorer": settings.scorer, "image_size": settings.image_size,
+            "objective": objective, "scorers": list(settings.scorers), "image_size": settings.image_size,
             "amp": settings.amp, "few_shot": settings.few_shot, "seed": settings.seed,
             "NNK": settings.nnk, "sigmoid_compression": settings.compression,
             "sigmoid_expansion": settings.expansion, "data_root": os.path.abspath(args.data_root),
@@ -65,8 +79,8 @@ def settings_record(args: argparse.Namespace, settings: EvalSettings, checkpoint
 def evaluate_splits(splits: List[EvalSplit], backbone: torch.nn.Module, relational: torch.nn.Module,
                     objective: str, settings: EvalSettings, device: torch.device) -> List[EvalResult]:
     """Evaluate every split (sharded over processes); the results exist on rank 0 only."""
-    results = [evaluate_split(backbone, relational, objective, split, settings, device) for split in splits]
-    return [result for result in results if result is not None]
+    return [result for split in splits
+            for result in evaluate_split(backbone, relational, objective, split, settings, device)]
 
 
 def write_results(results: List[EvalResult], out_folder: str, record: Dict[str, Any],
@@ -80,10 +94,7 @@ def write_results(results: List[EvalResult], out_folder: str, record: Dict[str, 
         if tb_writer is not None:
             log_to_tensorboard(tb_writer, result, step)
     if len(results) > 1:
-        summary = {"table": [{"dataset": r.dataset, "target": r.target, "scorer": r.scorer, **r.metrics}
-                             for r in results]}
-        _atomic_write(os.path.join(eval_dir, f"{results[0].dataset}_all.json"),
-                      json.dumps(summary, indent=2) + "\n")
+        summary_files(results, eval_dir)
 
 
 def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
@@ -93,14 +104,24 @@ def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
                          f"got {args.dataset!r}")
     settings = eval_settings(args)
     folder = args.checkpoint_folder_path
-    model = load_model_folder(folder, n_heads=args.transf_n_heads, device=args.device)
+    if args.backbone_only:
+        # The baselines on the backbone alone (ImageNet weights by default), without any checkpoint.
+        weights = None if args.backbone_weights == "none" else args.backbone_weights
+        backbone = ResNetBackbone(args.network, weights=weights).to(args.device).eval()
+        relational, objective, network, iteration = None, "none", args.network, None
+    else:
+        model = load_model_folder(folder, n_heads=args.transf_n_heads, device=args.device)
+        backbone, relational, objective = model.backbone, model.relational, model.objective
+        network, iteration = model.network, model.iteration
     splits = load_splits(args, args.dataset, args.target)
-    record = settings_record(args, settings, folder, model.network, model.objective, model.iteration)
-    results = evaluate_splits(splits, model.backbone, model.relational, model.objective, settings, args.device)
+    record = settings_record(args, settings, folder, network, objective, iteration)
+    if args.backbone_only:
+        record["backbone_weights"] = args.backbone_weights
+    results = evaluate_splits(splits, backbone, relational, objective, settings, args.device)
     # Files are written only once every split has been scored: a failure leaves no partial output.
     tb_writer = TensorBoardWriter(os.path.join(folder, "tensorboard"), enabled=is_main_process())
     try:
-        write_results(results, folder, record, tb_writer, step=model.iteration or 0)
+        write_results(results, folder, record, tb_writer, step=iteration or 0)
     finally:
         tb_writer.close()
     if is_main_process():

@@ -81,7 +81,7 @@ def test_protocol_table_matches_shared_json():
 
 def test_target_names_and_list_names():
     assert EVAL_DATASETS == ("PACS_DG", "PACS_SS_DG", "OfficeHome_DG", "OfficeHome_SS_DG",
-                             "DomainNet_IN_OUT", "Folder")
+                             "DomainNet_IN_OUT", "Folder", "Digits")
     assert dataset_targets("PACS_DG") == ["ArtPainting", "Cartoon", "Photo", "Sketch"]
     assert dataset_targets("PACS_SS_DG") == ["ArtPainting", "Cartoon", "Sketch"]
     assert dataset_targets("OfficeHome_DG") == ["Art", "Clipart", "Product", "RealWorld"]

@@ -103,8 +103,11 @@ def test_target_all_prints_every_target_and_average(pacs_root, random_checkpoint
     out = capsys.readouterr().out
     for target in ("ArtPainting", "Cartoon", "Photo", "Sketch", "average"):
         assert target in out
-    summary = json.loads((random_checkpoint / "eval" / "PACS_DG_all.json").read_text())
-    assert [row["target"] for row in summary["table"]] == ["ArtPainting", "Cartoon", "Photo", "Sketch"]
+    summary = json.loads((random_checkpoint / "eval" / "PACS_DG_summary.json").read_text())
+    (row,) = summary["auroc"]
+    assert row["method"] == "resend"
+    assert set(row) == {"method", "ArtPainting", "Cartoon", "Photo", "Sketch", "average"}
+    assert row["average"] == pytest.approx(np.mean([row[t] for t in ("ArtPainting", "Cartoon", "Photo", "Sketch")]))
 
 
 def test_variants_run(pacs_root, random_checkpoint):
@@ -134,3 +137,36 @@ def test_bad_inputs_fail_before_writing(tmp_path, pacs_root, random_checkpoint):
     with pytest.raises(Exception, match="img_000.jpg"):
         run(eval_argv(pacs_root, random_checkpoint, "--target", "ArtPainting"))
     assert not (random_checkpoint / "eval").exists()
+
+
+def test_all_targets_all_evaluators_one_table(pacs_root, random_checkpoint, capsys):
+    run(eval_argv(pacs_root, random_checkpoint, "--target", "all", "--evaluator", "all"))
+    out = capsys.readouterr().out
+    from evaluation.scorers import SCORERS
+    for name in SCORERS:
+        assert name in out
+    summary = json.loads((random_checkpoint / "eval" / "PACS_DG_summary.json").read_text())
+    assert [row["method"] for row in summary["fpr95"]] == list(SCORERS)
+    assert all(set(row) == {"method", "ArtPainting", "Cartoon", "Photo", "Sketch", "average"}
+               for row in summary["auroc"])
+    csv_rows = (random_checkpoint / "eval" / "PACS_DG_summary.csv").read_text().splitlines()
+    assert csv_rows[0] == "metric,method,ArtPainting,Cartoon,Photo,Sketch,average"
+    assert len(csv_rows) == 1 + 5 * len(SCORERS)
+    # Every method also has its own per-target files.
+    assert (random_checkpoint / "eval" / "PACS_DG_Sketch_mahalanobis.json").exists()
+    assert (random_checkpoint / "eval" / "PACS_DG_Sketch_featurenorm_scores.csv").exists()
+
+
+def test_backbone_only_runs_baselines_without_checkpoint(pacs_root, tmp_path, capsys):
+    out_dir = tmp_path / "backbone_eval"
+    run(eval_argv(pacs_root, out_dir, "--target", "Cartoon", "--backbone_only", "--backbone_weights", "none",
+                  "--evaluator", "all"))
+    out = capsys.readouterr().out
+    assert "prototype_cosine" in out and "resend" not in out.replace("results written", "")
+    record = json.loads((out_dir / "eval" / "PACS_DG_Cartoon_knn.json").read_text())
+    assert record["settings"]["backbone_weights"] == "none"
+    with pytest.raises(ValueError, match="relational module"):
+        run(eval_argv(pacs_root, out_dir, "--target", "Cartoon", "--backbone_only", "--backbone_weights", "none",
+                      "--evaluator", "resend"))
+    with pytest.raises(ValueError, match="unknown --evaluator"):
+        run(eval_argv(pacs_root, out_dir, "--target", "Cartoon", "--evaluator", "magic"))

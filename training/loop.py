@@ -13,6 +13,7 @@ from datasets.benchmarks import EvalSplit
 from datasets.image_lists import DataError
 from datasets.train_lists import train_samples
 from datasets.transforms import train_transform
+from evaluation.evaluate import EvalResult
 from evaluation.run import eval_settings, evaluate_splits, load_splits, settings_record, write_results
 from models.backbone import ResNetBackbone
 from models.checkpoint import load_model_folder
@@ -45,6 +46,9 @@ def validate_training_args(args: argparse.Namespace) -> None:
         (min(args.log_period, args.save_period, args.eval_period) >= 1,
          "--log_period, --save_period and --eval_period must be at least 1"),
         (not (args.resume and args.pretrained), "--resume and --pretrained exclude each other"),
+        # torch's SyncBatchNorm only runs on GPUs; without this check the first forward fails mid-run.
+        (not (args.sync_bn and getattr(args, "distributed", False) and torch.device(args.device).type != "cuda"),
+         f"--sync_bn true needs --device cuda (got {args.device}); use --sync_bn false on the CPU"),
     ]
     for ok, message in checks:
         if not ok:
@@ -139,8 +143,25 @@ def collapse_warning(stats: PeriodStats, args: argparse.Namespace) -> Optional[s
     return None
 
 
-def run_training(args: argparse.Namespace) -> str:
-    """Train; returns the run folder."""
+def backward_micro_batch(model: torch.nn.Module, images_a: torch.Tensor, images_b: torch.Tensor,
+                         relation: torch.Tensor, args: argparse.Namespace, scaler: "torch.amp.GradScaler",
+                         device: torch.device, last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Add one micro-batch's gradient to `.grad`; returns its (unscaled loss, logits)."""
+    # DDP all-reduces only on the last micro-step of an iteration; the others accumulate locally.
+    sync = contextlib.nullcontext() if (last or not args.distributed) else model.no_sync()
+    with sync:
+        with autocast(device, args.amp):
+            logits = model(images_a, images_b)
+        loss = relation_loss(logits.float(), relation, args.loss_function,
+                             args.sigmoid_compression, args.sigmoid_expansion)
+        # DDP averages over processes; dividing by accum_steps makes the sum over micro-steps the
+        # mean over every pair of the iteration, i.e. the gradient of one batch of the effective size.
+        scaler.scale(loss / args.accum_steps).backward()
+    return loss, logits
+
+
+def run_training(args: argparse.Namespace) -> Tuple[str, List[EvalResult]]:
+    """Train; returns the run folder and the last periodic evaluation's results (rank 0)."""
     validate_training_args(args)
     device = args.device
     samples = train_samples(args.dataset, args.data_root, path_to_txt=args.path_to_txt,
@@ -196,7 +217,7 @@ def run_training(args: argparse.Namespace) -> str:
     period_start, period_first_iteration = time.perf_counter(), start_iteration
     run_start = period_start
     model.train()
-    iteration = start_iteration
+    results: List[EvalResult] = []
     for iteration in range(start_iteration + 1, args.iterations + 1):
         lr = lr_at_iteration(iteration - 1, args.learning_rate, args.warmup, args.step_after,
                              schedule=args.lr_schedule, total_iterations=args.iterations)
@@ -208,15 +229,8 @@ def run_training(args: argparse.Namespace) -> str:
             images_a = images_a.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             images_b = images_b.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             relation = relation.to(device, non_blocking=True).long()
-            # Gradients are all-reduced only on the last micro-step of an iteration.
-            last = micro == args.accum_steps - 1
-            sync = contextlib.nullcontext() if (last or not args.distributed) else model.no_sync()
-            with sync:
-                with autocast(device, args.amp):
-                    logits = model(images_a, images_b)
-                loss = relation_loss(logits.float(), relation, args.loss_function,
-                                     args.sigmoid_compression, args.sigmoid_expansion)
-                scaler.scale(loss / args.accum_steps).backward()
+            loss, logits = backward_micro_batch(model, images_a, images_b, relation, args, scaler, device,
+                                                last=micro == args.accum_steps - 1)
             stats.update(loss, logits, relation, args)
         if args.clip_grad is not None:
             scaler.unscale_(optimizer)
@@ -254,4 +268,4 @@ def run_training(args: argparse.Namespace) -> str:
             model.train()
     tb_writer.close()
     log.info("done in %.1f s; run folder %s", time.perf_counter() - run_start, folder)
-    return folder
+    return folder, results

@@ -31,8 +31,11 @@ def _decide_run_folder(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
             raise FileNotFoundError(f"--resume: no {TRAIN_STATE_FILE} in {folder!r}; "
                                     "a run folder written by this project's training is expected")
         return folder, folder
-    if args.auto_resume and os.path.isfile(os.path.join(base, TRAIN_STATE_FILE)):
-        return base, base
+    if args.auto_resume:
+        # Every attempt of a restarted job must use the same folder, also when an attempt died before
+        # its first checkpoint: a fresh `<base>_<n>` would hide later checkpoints from later attempts.
+        has_state = os.path.isfile(os.path.join(base, TRAIN_STATE_FILE))
+        return base, (base if has_state else None)
     # Never overwrite an earlier run: the first free `<base>_<n>` is used instead.
     folder, n = base, 1
     while os.path.exists(folder):

@@ -115,6 +115,18 @@ def _launch_env(args: argparse.Namespace) -> tuple[int, int, int, bool]:
     return rank, world_size, local_rank, True
 
 
+def _elastic_attempt_store(timeout: timedelta) -> Optional[dist.Store]:
+    """Under torchrun, the env:// store with a key prefix per restart attempt; None otherwise."""
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    # torchrun keeps one store for every restart of a worker group (--max_restarts). Without a
+    # prefix, a restarted group reads the dead attempt's gloo/nccl addresses from it and fails to
+    # connect or hangs instead of resuming.
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"attempt_{attempt}", store)
+
+
 def init_distributed_mode(args: argparse.Namespace) -> None:
     """Join the launcher's process group (or set up a single process) and fill in rank/device fields of args."""
     _require_attrs(args)
@@ -137,8 +149,14 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     args.dist_backend = backend
     args.distributed = launched
     if launched:
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
-                                timeout=timedelta(minutes=args.dist_timeout_minutes))
+        timeout = timedelta(minutes=args.dist_timeout_minutes)
+        store = _elastic_attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, world_size=world_size, rank=rank,
+                                    timeout=timeout)
         barrier()
     setup_for_distributed(rank == 0)
     if launched:

@@ -1,0 +1,108 @@
+"""Fit + score seconds of every baseline scorer (and ReSeND's relational scorer) on PACS/OfficeHome-sized features.
+
+The features are synthetic (timing only: their AUROC column is a sanity check, not a result). The
+relational row is by far the slowest on CPU (every target x prototype pair runs the transformer:
+about 11 minutes for the OfficeHome size on 2 cores); `--no-resend` skips it.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Runnable as `python benchmarks/bench_scorers.py` from anywhere: the project packages live at the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import evaluation.baselines  # noqa: E402,F401  (registers the baseline scorers)
+from evaluation.evaluate import DEFAULT_PAIR_CHUNK, relational_similarity  # noqa: E402
+from evaluation.metrics import auroc  # noqa: E402
+from evaluation.scorers import build_scorer  # noqa: E402
+from models.relational import RelationalTransformer  # noqa: E402
+
+BASELINES = ("prototype_distance", "prototype_cosine", "knn", "mahalanobis", "featurenorm", "linear_probe")
+# (support size, known classes, targets): the largest PACS / OfficeHome splits, rounded.
+SIZES = {"pacs": (5000, 6, 2000), "officehome": (10000, 54, 4000)}
+N_BLOCKS = 8  # resnet18
+
+
+def synthetic_split(n_support: int, n_classes: int, n_targets: int, dim: int, seed: int) -> dict:
+    """Post-ReLU-like class-structured features; one target in four comes from an unseen class."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes + 1, dim, generator=g)
+
+    def draw(labels: torch.Tensor) -> torch.Tensor:
+        return torch.relu(centres[labels] + 0.8 * torch.randn(len(labels), dim, generator=g))
+
+    support_labels = torch.randint(0, n_classes, (n_support,), generator=g)
+    support_labels[:n_classes] = torch.arange(n_classes)  # every class present
+    target_labels = torch.randint(0, n_classes, (n_targets,), generator=g)
+    target_labels[: n_targets // 4] = n_classes
+    is_known = (target_labels < n_classes).numpy()
+
+    def norms(rows: int, boost: torch.Tensor | None) -> torch.Tensor:
+        values = 1.0 + 0.2 * torch.rand(rows, N_BLOCKS, generator=g)
+        if boost is not None:
+            values[:, 5] += boost
+        return values
+
+    return {
+        "support": draw(support_labels), "support_labels": support_labels,
+        "targets": draw(target_labels), "is_known": is_known,
+        "support_norms": norms(n_support, torch.full((n_support,), 0.5)),
+        "jigsaw_norms": norms(n_support, None),
+        "target_norms": norms(n_targets, 0.5 * torch.from_numpy(is_known).float()),
+    }
+
+
+def time_scorer(name: str, split: dict, context: dict) -> tuple[float, float, float]:
+    """(fit seconds, score seconds, AUROC) of one scorer on one split."""
+    scorer = build_scorer(name, **context)
+    block_norms = getattr(scorer, "uses_block_norms", False)
+    start = time.perf_counter()
+    if block_norms:
+        scorer.fit(split["support"], split["support_labels"], block_norms=split["support_norms"],
+                   jigsaw_block_norms=split["jigsaw_norms"])
+    else:
+        scorer.fit(split["support"], split["support_labels"])
+    fitted = time.perf_counter()
+    if block_norms:
+        result = scorer.score(split["targets"], block_norms=split["target_norms"])
+    else:
+        result = scorer.score(split["targets"])
+    done = time.perf_counter()
+    return fitted - start, done - fitted, auroc(result.normality.cpu().numpy(), split["is_known"])
+
+
+def main() -> None:
+    """Print one line per (size, scorer)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--nnk", type=int, default=1, help="k of the knn scorer (the lead's --NNK)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-resend", action="store_true", help="skip the relational ReSeND scorer")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    torch.manual_seed(args.seed)
+    relational = RelationalTransformer(feat_dim=args.dim, depth=4)
+    similarity = relational_similarity(relational, relational.objective, 10.0, 2.0, torch.device("cpu"), "none")
+    context = {"similarity": similarity, "k": args.nnk, "chunk_size": DEFAULT_PAIR_CHUNK}
+    names = BASELINES if args.no_resend else BASELINES + ("resend",)
+
+    print(f"torch threads {torch.get_num_threads()}, feature dim {args.dim}, CPU")
+    print(f"{'size':<11} {'scorer':<19} {'fit s':>8} {'score s':>8} {'total s':>8} {'auroc':>7}")
+    for size in args.sizes:
+        n_support, n_classes, n_targets = SIZES[size]
+        split = synthetic_split(n_support, n_classes, n_targets, args.dim, args.seed)
+        print(f"# {size}: support {n_support} x {args.dim}, {n_classes} classes, targets {n_targets}")
+        for name in names:
+            fit_s, score_s, auc = time_scorer(name, split, context)
+            print(f"{size:<11} {name:<19} {fit_s:8.3f} {score_s:8.3f} {fit_s + score_s:8.3f} {auc:7.3f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
