@@ -67,8 +67,12 @@ def run_here(argv):
 
 
 def checked(result):
-    """Fail with the launcher's output when it did not exit cleanly."""
-    assert result.returncode == 0, f"exit code {result.returncode}; output:\n{result.stdout[-6000:]}"
+    """Fail with the workers' first traceback and the launcher's summary when it did not exit cleanly."""
+    if result.returncode != 0:
+        out = result.stdout
+        first = out.find("Traceback")
+        excerpt = out[first:first + 6000] if first >= 0 else ""
+        raise AssertionError(f"exit code {result.returncode}; first traceback:\n{excerpt}\n...\n{out[-3000:]}")
     return result
 
 

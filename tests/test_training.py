@@ -103,3 +103,17 @@ def test_bad_training_data(image_tree, tmp_path):
     with pytest.raises(Exception, match="nowhere"):
         run(train_argv(tmp_path / "nowhere", tmp_path / "out3", "--iterations", "2"))
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out3").exists()
+
+
+def test_collapse_warning_on_saturated_outputs():
+    from training.loop import PeriodStats, collapse_warning
+    args = train.get_args_parser().parse_args(["--device", "cpu"])
+    relation = torch.tensor([0, 1, 0, 1])
+    saturated = PeriodStats(torch.device("cpu"))
+    saturated.update(torch.tensor(2.0), torch.full((4, 1), -30.0), relation, args)
+    assert "collapsed" in collapse_warning(saturated, args)
+    healthy = PeriodStats(torch.device("cpu"))
+    healthy.update(torch.tensor(0.5), torch.tensor([[-0.2], [0.3], [-0.1], [0.05]]), relation, args)
+    assert collapse_warning(healthy, args) is None
+    summary = healthy.summary()
+    assert summary["acc_same"] == 1.0 and summary["acc_diff"] == 1.0 and summary["loss"] == pytest.approx(0.5)

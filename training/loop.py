@@ -183,7 +183,7 @@ def run_training(args: argparse.Namespace) -> Tuple[str, List[EvalResult]]:
     optimizer = build_optimizer(model.parameters(), args.optimizer, args.learning_rate,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = grad_scaler(device, args.amp)
-    start_iteration = 0
+    start_iteration, pairs_seen = 0, 0
     if resume_from is not None:
         state = load_training_state(resume_from, device)
         model.backbone.load_state_dict(state["backbone"])
@@ -192,6 +192,7 @@ def run_training(args: argparse.Namespace) -> Tuple[str, List[EvalResult]]:
         scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         start_iteration = state["iteration"]
+        pairs_seen = state["pairs_seen"]
         log.info("resumed from %s at iteration %d", resume_from, start_iteration)
 
     model_without_ddp = model
@@ -211,7 +212,10 @@ def run_training(args: argparse.Namespace) -> Tuple[str, List[EvalResult]]:
     log.info(eval_note)
 
     record = settings_record(args, settings, folder, args.network, args.loss_function, None)
-    micro_step = start_iteration * args.accum_steps
+    # The position in the pair stream is kept in pairs, so that a run resumed with another number
+    # of processes or batch size continues where the data left off (exactly, when nothing changed).
+    pairs_per_micro_step = args.batch_size * get_world_size()
+    micro_step = pairs_seen // pairs_per_micro_step
     batches = stream.batches(micro_step)
     stats = PeriodStats(device)
     period_start, period_first_iteration = time.perf_counter(), start_iteration
@@ -257,7 +261,8 @@ def run_training(args: argparse.Namespace) -> Tuple[str, List[EvalResult]]:
 
         if iteration % args.save_period == 0 or iteration == args.iterations:
             if is_main_process():
-                save_training_state(folder, model_without_ddp, optimizer, scaler, iteration, micro_step, args)
+                save_training_state(folder, model_without_ddp, optimizer, scaler, iteration,
+                                    micro_step * pairs_per_micro_step, args)
         if eval_splits and (iteration % args.eval_period == 0 or iteration == args.iterations):
             results = evaluate_splits(eval_splits, model_without_ddp.backbone, model_without_ddp.relational,
                                       args.loss_function, settings, device)

@@ -13,7 +13,7 @@ TRAIN_STATE_FILE = "checkpoint.pth"
 
 
 def save_training_state(folder: str, model: ReSeND, optimizer: torch.optim.Optimizer,
-                        scaler: "torch.amp.GradScaler", iteration: int, micro_step: int,
+                        scaler: "torch.amp.GradScaler", iteration: int, pairs_seen: int,
                         args: argparse.Namespace) -> None:
     """Write the authors' files (for their tools and our loader) and the full resumable state."""
     save_model_folder(folder, model.backbone, model.relational, iteration)
@@ -28,7 +28,7 @@ def save_training_state(folder: str, model: ReSeND, optimizer: torch.optim.Optim
                      "step_after": args.step_after, "lr_schedule": args.lr_schedule,
                      "iterations": args.iterations},
         "iteration": iteration,
-        "micro_step": micro_step,
+        "pairs_seen": pairs_seen,  # position in the pair stream, summed over processes
         "rng": capture_rng_state(),
         "args": {key: value for key, value in vars(args).items()
                  if isinstance(value, (int, float, str, bool, type(None)))},

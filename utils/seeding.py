@@ -33,26 +33,23 @@ def capture_rng_state() -> dict:
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    """Restore a snapshot from `capture_rng_state`, refusing one whose CUDA part cannot be honoured."""
+def restore_rng_state(state: dict) -> bool:
+    """Restore a snapshot from `capture_rng_state`; returns whether the CUDA generators were restored.
+
+    The CUDA generator states are restored only when the same number of devices is visible. The
+    training draws no random numbers on the GPU (augmentations run on the CPU, seeded per pair), so a
+    run saved on 16 GPUs resumes exactly on 8 or on the CPU.
+    """
     missing = [key for key in RNG_KEYS if key not in state]
     if missing:
         raise ValueError(f"rng state lacks the keys {missing}; it has {sorted(state)}")
-    cuda_available = torch.cuda.is_available()
-    # A resumed run must redraw exactly what the interrupted one would have; a CUDA state that
-    # cannot be applied (or is absent on a CUDA machine) would break that silently.
-    if "cuda" in state and not cuda_available:
-        raise ValueError("rng state holds CUDA generator states but CUDA is not available")
-    if cuda_available:
-        if "cuda" not in state:
-            raise ValueError("rng state has no 'cuda' entry but CUDA is available: it was captured "
-                             "without CUDA and cannot restore the CUDA generators")
-        if len(state["cuda"]) != torch.cuda.device_count():
-            raise ValueError(f"rng state holds {len(state['cuda'])} CUDA generator states but "
-                             f"{torch.cuda.device_count()} CUDA devices are visible")
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     # Generator states must be CPU byte tensors; a checkpoint loaded with map_location="cuda" moves them.
     torch.set_rng_state(state["torch"].cpu())
-    if cuda_available:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda_states = state.get("cuda")
+    if (torch.cuda.is_available() and cuda_states is not None
+            and len(cuda_states) == torch.cuda.device_count()):
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        return True
+    return False
