@@ -1,0 +1,42 @@
+"""A shortened `train.py --demo`: embedded Digits, training, both targets, table, files, figures."""
+import json
+
+import pytest
+
+import train
+
+SHORT_DEMO_ITERATIONS = "160"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    args = train.parse_command_line(["--demo", "--iterations", SHORT_DEMO_ITERATIONS, "--data_root", str(root / "data"),
+                                     "--checkpoint_folder_path", str(root / "outputs"), "--device", "cpu"])
+    train.main(args)
+    return args, root / "outputs" / "Digits_resnet18_rel_transformer"
+
+
+def test_demo_settings_fill_only_flags_not_given():
+    args = train.parse_command_line(["--demo", "--iterations", "7", "--learning_rate", "0.5"])
+    assert args.dataset == "Digits" and args.image_size == 32 and args.optimizer == "sgd"
+    assert args.iterations == 7 and args.learning_rate == 0.5 and args.eval_period == 7
+    plain = train.parse_command_line(["--iterations", "7"])
+    assert plain.dataset == "ImageNet" and plain.optimizer == "lars" and plain.image_size == 224
+    with pytest.raises(ValueError, match="Digits"):
+        train.parse_command_line(["--demo", "--dataset", "PACS_DG"])
+
+
+def test_demo_writes_run_folder_and_beats_chance_on_seen(demo_run, capsys):
+    args, folder = demo_run
+    for name in ("feature_extractor.pkl", "cls_rel.pkl", "checkpoint.pth", "out.txt", "figures/roc.png",
+                 "figures/score_histograms.png", "eval/Digits_seen_scores.csv", "eval/Digits_summary.csv"):
+        assert (folder / name).is_file(), name
+    seen = json.loads((folder / "eval" / "Digits_seen.json").read_text())
+    novel = json.loads((folder / "eval" / "Digits_novel.json").read_text())
+    assert seen["n_known"] == 270 and seen["n_unknown"] == 896
+    assert novel["n_known"] == 270 and novel["n_unknown"] == 354
+    assert seen["auroc"] > 0.65, seen["auroc"]
+    # The baselines run on the same features and appear in the same table.
+    summary = json.loads((folder / "eval" / "Digits_summary.json").read_text())
+    assert {row["method"] for row in summary["auroc"]} >= {"resend", "prototype_cosine", "mahalanobis"}
