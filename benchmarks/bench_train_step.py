@@ -123,29 +123,10 @@ def train_py_run(work: Path, image_size: int, pairs: int, amp: str, iterations: 
     return wall, float(rates[-1][1])
 
 
-def main() -> None:
-    """Print s/it and pairs/s per variant."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(64, 32), (32, 64)],
-                        help="<image_size>:<pairs per batch>")
-    parser.add_argument("--optimizers", nargs="+", default=["lars", "sgd"], choices=["lars", "sgd"])
-    parser.add_argument("--amps", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
-    parser.add_argument("--formats", nargs="+", default=["channels_last", "nchw"], choices=["channels_last", "nchw"])
-    parser.add_argument("--flush_denormal", nargs="+", default=["on", "off"], choices=["on", "off"])
-    parser.add_argument("--saturation_bias", type=float, default=-9.0,
-                        help="head bias of the 'saturated head' rows (0 = skip them)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per variant")
-    parser.add_argument("--iterations", type=int, default=6, help="timed iterations per variant (median)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--train_py", type=int, default=0, help="also run train.py for this many iterations")
-    parser.add_argument("--num_workers", type=int, nargs="+", default=[1], help="DataLoader workers of train.py")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, ResNet-18 + relational depth 4, "
-          f"L2 objective; median of {args.iterations} iterations after {args.warmup} warm-up; 'load' = 1-min "
-          f"load average after the row (this process counts ~{args.threads}: more means contention)")
-    header = f"{'px':>4} {'pairs':>5} {'optim':>5} {'amp':>5} {'format':>13} {'flush':>5} {'head':>9} {'s/it':>7} {'pairs/s':>8} {'load':>5}"
+def step_table(args: argparse.Namespace) -> None:
+    """One row per (size, optimizer, amp, memory format, flush_denormal), plus the saturated-head rows."""
+    header = (f"{'px':>4} {'pairs':>5} {'optim':>5} {'amp':>5} {'format':>13} {'flush':>5} {'head':>9} {'s/it':>7} "
+              f"{'pairs/s':>8} {'load':>5}")
     print(header)
     print("-" * len(header))
     rows: List[tuple] = []
@@ -163,6 +144,32 @@ def main() -> None:
         print(f"{size:>4} {pairs:>5} {opt:>5} {amp:>5} {fmt:>13} {flush:>5} {head:>9} {seconds:7.3f} "
               f"{pairs / seconds:8.1f} {os.getloadavg()[0]:5.2f}", flush=True)
 
+
+def main() -> None:
+    """Print s/it and pairs/s per variant."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(64, 32), (32, 64)],
+                        help="<image_size>:<pairs per batch>")
+    parser.add_argument("--optimizers", nargs="+", default=["lars", "sgd"], choices=["lars", "sgd"])
+    parser.add_argument("--amps", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
+    parser.add_argument("--formats", nargs="+", default=["channels_last", "nchw"], choices=["channels_last", "nchw"])
+    parser.add_argument("--flush_denormal", nargs="+", default=["on", "off"], choices=["on", "off"])
+    parser.add_argument("--saturation_bias", type=float, default=-9.0,
+                        help="head bias of the 'saturated head' rows (0 = skip them)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per variant")
+    parser.add_argument("--iterations", type=int, default=6, help="timed iterations per variant (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--train_py", type=int, default=0, help="also run train.py for this many iterations")
+    parser.add_argument("--num_workers", type=int, nargs="+", default=[1], help="DataLoader workers of train.py")
+    parser.add_argument("--no_steps", action="store_true", help="skip the step table (only the train.py runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, ResNet-18 + relational depth 4, "
+          f"L2 objective; median of {args.iterations} iterations after {args.warmup} warm-up; 'load' = 1-min "
+          f"load average after the row (this process counts ~{args.threads}: more means contention)")
+    if not args.no_steps:
+        step_table(args)
     if args.train_py:
         with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
             work = Path(tmp)

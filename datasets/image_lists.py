@@ -1,11 +1,12 @@
 """Image lists: discovering images in folders, reading/writing `<path> <label>` files, loading images."""
 import os
-import tempfile
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from utils.atomic_files import atomic_write_text
 
 # Some benchmark images (notably in DomainNet and ImageNet) are JPEGs with missing trailing bytes
 # that still decode; the authors' pipeline loads them, so we must too.
@@ -81,17 +82,7 @@ def write_list_file(list_path: str, samples: Iterable[Sample], root: str) -> Non
         if rel_path == ".." or rel_path.startswith(".." + os.sep):
             raise DataError(f"image {path} is not inside the list root {root}")
         lines.append(f"{rel_path.replace(os.sep, '/')} {int(label)}\n")
-    parent = os.path.dirname(os.path.abspath(list_path))
-    os.makedirs(parent, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=parent, prefix=".tmp_", suffix=".txt")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.writelines(lines)
-        os.replace(temp_path, list_path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    atomic_write_text(list_path, "".join(lines))
 
 
 def check_files_exist(samples: Sequence[Sample]) -> None:

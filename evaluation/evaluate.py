@@ -24,6 +24,7 @@ from evaluation.jigsaw import JigsawTransform
 from evaluation.metrics import compute_metrics
 from evaluation.scorers import SCORERS, ScoreResult, build_scorer, few_shot_indices
 from models.objective import same_class_score
+from utils.atomic_files import atomic_write_text
 from utils.distributed import gather_by_index, get_world_size, is_main_process
 from utils.precision import autocast
 
@@ -197,14 +198,6 @@ def _gather_result(local: ScoreResult, indices: torch.Tensor, total: int) -> Sco
                        extra={name: gather(values) for name, values in local.extra.items()})
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """Write a text file via a temporary name so that readers never see half a file."""
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp_path, path)
-
-
 def write_eval_outputs(result: EvalResult, eval_dir: str, settings_record: Dict[str, Any]) -> Dict[str, str]:
     """Write `<dataset>_<target>.json` and `<dataset>_<target>_scores.csv` into `eval_dir`."""
     os.makedirs(eval_dir, exist_ok=True)
@@ -225,8 +218,8 @@ def write_eval_outputs(result: EvalResult, eval_dir: str, settings_record: Dict[
         label = int(result.labels[i])
         pred = "" if result.preds is None else int(result.preds[i])
         writer.writerow([path, label, int(label < result.known_classes), f"{result.normality[i]:.8g}", pred])
-    _atomic_write(csv_path, buffer.getvalue())
-    _atomic_write(json_path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(csv_path, buffer.getvalue())
+    atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
     return {"json": json_path, "csv": csv_path}
 
 
@@ -296,6 +289,6 @@ def summary_files(results: Sequence[EvalResult], eval_dir: str) -> Dict[str, str
             writer.writerow([metric, row["method"], *("" if row.get(c) is None else f"{row[c]:.6f}" for c in columns)])
     json_path = os.path.join(eval_dir, f"{dataset}_summary.json")
     csv_path = os.path.join(eval_dir, f"{dataset}_summary.csv")
-    _atomic_write(json_path, json.dumps(record, indent=2) + "\n")
-    _atomic_write(csv_path, buffer.getvalue())
+    atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(csv_path, buffer.getvalue())
     return {"json": json_path, "csv": csv_path}

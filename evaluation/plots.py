@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
@@ -19,6 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
+
+from utils.atomic_files import atomic_open
 
 SCORES_SUFFIX = "_scores.csv"
 _CSV_COLUMNS = ("path", "label", "known", "normality", "pred")
@@ -67,20 +68,9 @@ def _require_results(results: Sequence[Any]) -> None:
 
 def _save_figure(figure: Figure, path: str) -> str:
     """Render `figure` to a PNG at `path` via a temporary file; returns the path."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
     FigureCanvasAgg(figure)
-    handle, temp_path = tempfile.mkstemp(dir=parent, prefix=".tmp_", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            figure.savefig(out, format="png", dpi=120)
-        # mkstemp makes owner-only files; a figure is as readable as any other output.
-        os.chmod(temp_path, 0o644)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    with atomic_open(path, "wb") as out:
+        figure.savefig(out, format="png", dpi=120)
     return path
 
 

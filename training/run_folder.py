@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import yaml
 
 from training.state import TRAIN_STATE_FILE
+from utils.atomic_files import atomic_write_text
 from utils.distributed import broadcast_object, is_main_process
 
 
@@ -67,7 +68,5 @@ def save_args(folder: str, args: argparse.Namespace) -> None:
         return
     plain = {key: (str(value) if not isinstance(value, (int, float, str, bool, type(None), list)) else value)
              for key, value in sorted(vars(args).items())}
-    with open(os.path.join(folder, "args.json"), "w", encoding="utf-8") as handle:
-        json.dump(plain, handle, indent=2)
-    with open(os.path.join(folder, "args.yaml"), "w", encoding="utf-8") as handle:
-        yaml.safe_dump(plain, handle, sort_keys=True)
+    atomic_write_text(os.path.join(folder, "args.json"), json.dumps(plain, indent=2) + "\n")
+    atomic_write_text(os.path.join(folder, "args.yaml"), yaml.safe_dump(plain, sort_keys=True))
