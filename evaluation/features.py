@@ -57,7 +57,8 @@ def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], image
     backbone.eval()
     feats, labels, indices, norms = [], [], [], []
     for images, batch_labels, batch_indices in tqdm(loader, desc=desc, leave=False,
-                                                    disable=not is_main_process()):
+                                                    # None: tqdm hides itself when not on a terminal (logs, CI).
+                                                    disable=None if is_main_process() else True):
         # channels_last is markedly faster for convolutions on CPU (oneDNN) and on CUDA, and
         # changes results only by float rounding.
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
