@@ -12,7 +12,8 @@ grad scaler, on a fixed random pair batch (no data loading). Variants: optimizer
 `torch.set_flush_denormal` on/off. The "saturated head" rows put the L2 head at a large negative
 bias, as a run collapsed to "same class" has it: sigmoid(10 * logit) ~ exp(-90) is then a denormal
 float, the whole backward pass carries denormals, and that is where flushing them matters (a
-positive bias would not do: sigmoid rounds to exactly 1.0 and the gradient is exactly 0). With `--train_py N`, `train.py` itself runs N iterations on a generated Folder
+positive bias would not do: sigmoid rounds to exactly 1.0 and the gradient is exactly 0).
+With `--train_py N`, `train.py` itself runs N iterations on a generated Folder
 tree (JPEGs, augmentation, DataLoader workers) and the logged s/it of its second half is reported.
 """
 import argparse
@@ -176,7 +177,8 @@ def main() -> None:
             write_textured_tree(work / "train", {f"class_{c:02d}": 20 for c in range(10)}, 256, args.seed)
             print(f"\n## train.py --dataset Folder, 10 classes x 20 JPEGs 256 px, {2 * max(1, args.train_py // 2)} "
                   f"iterations, flush_denormal on (train.py's CPU default), lars, OMP threads {args.threads}")
-            print(f"{'px':>4} {'pairs':>5} {'amp':>5} {'workers':>7} {'wall s':>7} {'s/it (2nd half)':>15} {'pairs/s':>8}")
+            print(f"{'px':>4} {'pairs':>5} {'amp':>5} {'workers':>7} {'wall s':>7} {'s/it (2nd half)':>15} "
+                  f"{'pairs/s':>8}")
             for (size, pairs), amp, workers in itertools.product(args.sizes, args.amps, args.num_workers):
                 wall, per_it = train_py_run(work, size, pairs, amp, args.train_py, workers, args.threads)
                 print(f"{size:>4} {pairs:>5} {amp:>5} {workers:>7} {wall:7.1f} {per_it:15.3f} {pairs / per_it:8.1f}",
