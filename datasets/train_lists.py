@@ -10,12 +10,12 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 
 from datasets.benchmarks import BENCHMARKS, get_eval_split
 from datasets.digits import digits_train_samples
 from datasets.image_lists import (IMAGE_EXTENSIONS, DataError, Sample, check_files_exist,
                                   list_images, list_subfolders, read_list_file)
+from utils.atomic_files import atomic_open
 
 IMAGENET_TRAIN_SUBDIR = os.path.join("ImageNet", "Data", "CLS-LOC", "train")
 IMAGENET_LAYOUT = "<data_root>/ImageNet/Data/CLS-LOC/train/<wnid>/<image>"
@@ -147,17 +147,8 @@ def _write_cache(cache_path: str, key: str, train_dir: str, classes: list[str],
     header = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "key": key,
               "root": os.path.realpath(train_dir), "classes": classes, "counts": counts}
     payload = json.dumps(header) + "\n" + "".join(name + "\n" for name in names)
-    cache_dir = os.path.dirname(os.path.abspath(cache_path))
-    os.makedirs(cache_dir, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_", suffix=".gz")
-    try:
-        with os.fdopen(handle, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as out:
-            out.write(payload.encode("utf-8"))
-        os.replace(temp_path, cache_path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    with atomic_open(cache_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as out:
+        out.write(payload.encode("utf-8"))
 
 
 def train_samples(dataset: str, data_root: str | None, path_to_txt: str | None = None,

@@ -5,7 +5,6 @@ Usage: python media/make_architecture_figure.py [--out media/architecture.png]
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 # Run as a plain script from anywhere: the repository root holds the project packages.
@@ -16,6 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 from models.backbone import NETWORKS  # noqa: E402
+from utils.atomic_files import atomic_open  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "architecture.png"
 
@@ -151,18 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".tmp_", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            make_figure().savefig(stream, format="png", dpi=110)
-        # mkstemp makes owner-only files; the figure is meant to be shared.
-        os.chmod(temp_path, 0o644)
-        os.replace(temp_path, out)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    with atomic_open(out, "wb") as stream:
+        make_figure().savefig(stream, format="png", dpi=110)
     print(f"wrote {out}")
     return 0
 
