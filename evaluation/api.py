@@ -12,8 +12,9 @@ from PIL import Image
 
 from datasets.image_lists import load_image
 from datasets.transforms import eval_transform
-from evaluation.evaluate import DEFAULT_PAIR_CHUNK, relational_similarity  # also registers the baselines
+from evaluation.evaluate import default_pair_chunk, relational_similarity  # also registers the baselines
 from evaluation.scorers import ScoreResult, Scorer, build_scorer
+from models.backbone import fold_batchnorm
 from models.checkpoint import LoadedModel, load_model_folder
 from utils.precision import autocast
 
@@ -33,9 +34,12 @@ class NoveltyDetector:
         self.batch_size = batch_size
         model.backbone.to(self.device).eval()
         model.relational.to(self.device).eval()
+        # Features come from a BatchNorm-folded copy (same function, faster); `model` stays as loaded.
+        self._backbone = fold_batchnorm(model.backbone)
         similarity = relational_similarity(model.relational, model.objective, compression, expansion,
                                            self.device, amp)
-        self.scorer: Scorer = build_scorer(scorer, similarity=similarity, k=nnk, chunk_size=DEFAULT_PAIR_CHUNK)
+        self.scorer: Scorer = build_scorer(scorer, similarity=similarity, k=nnk,
+                                           chunk_size=default_pair_chunk(self.device))
         self._fitted = False
 
     @classmethod
@@ -53,7 +57,7 @@ class NoveltyDetector:
                      for x in images[start:start + self.batch_size]]
             pixels = torch.stack(batch).to(self.device).contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
-                feats.append(self.model.backbone(pixels).float())
+                feats.append(self._backbone(pixels).float())
         if not feats:
             raise ValueError("no images given")
         return torch.cat(feats)

@@ -23,6 +23,7 @@ from evaluation.features import extract_features
 from evaluation.jigsaw import JigsawTransform
 from evaluation.metrics import compute_metrics
 from evaluation.scorers import SCORERS, ScoreResult, build_scorer, few_shot_indices
+from models.backbone import ResNetBackbone, fold_batchnorm
 from models.objective import same_class_score
 from utils.atomic_files import atomic_write_text
 from utils.distributed import gather_by_index, get_world_size, is_main_process
@@ -31,9 +32,17 @@ from utils.precision import autocast
 # Scorers that use the relational module (all others are post-hoc baselines on the features).
 RELATIONAL_SCORERS = ("resend", "resend_msp", "resend_knn")
 
-# Pairs per relational-module call: large enough to amortise the per-call overhead, small enough
-# that a [chunk, 3, 768] activation stack fits comfortably on a small GPU.
-DEFAULT_PAIR_CHUNK = 16384
+# Pairs per relational-module call. On a GPU: large enough to amortise the per-call overhead,
+# small enough that a [chunk, 3, 768] activation stack fits comfortably on a small card. On a CPU
+# a smaller chunk keeps the MLP activations (chunk x 3 x 3072 floats) in cache: measured ~20%
+# faster under bf16 at 1024 than at 16384, and no slower in fp32.
+GPU_PAIR_CHUNK = 16384
+CPU_PAIR_CHUNK = 1024
+
+
+def default_pair_chunk(device: torch.device) -> int:
+    """Pairs per relational call for `device` (see GPU_PAIR_CHUNK / CPU_PAIR_CHUNK)."""
+    return CPU_PAIR_CHUNK if torch.device(device).type == "cpu" else GPU_PAIR_CHUNK
 
 
 @dataclass
@@ -50,11 +59,11 @@ class EvalSettings:
     nnk: int = 1
     compression: float = 10.0
     expansion: float = 2.0
-    pair_chunk: int = DEFAULT_PAIR_CHUNK
+    pair_chunk: Optional[int] = None  # None: default_pair_chunk(device)
 
-    def scorer_kwargs(self) -> Dict[str, Any]:
+    def scorer_kwargs(self, device: torch.device) -> Dict[str, Any]:
         """Keyword context every scorer constructor may pick from."""
-        return {"k": self.nnk, "chunk_size": self.pair_chunk}
+        return {"k": self.nnk, "chunk_size": self.pair_chunk or default_pair_chunk(device)}
 
 
 @dataclass
@@ -121,7 +130,7 @@ def scorer_uses_block_norms(name: str) -> bool:
     return bool(getattr(SCORERS[name], "uses_block_norms", False))
 
 
-def evaluate_split(backbone: torch.nn.Module, relational: Optional[torch.nn.Module], objective: str,
+def evaluate_split(backbone: ResNetBackbone, relational: Optional[torch.nn.Module], objective: str,
                    split: EvalSplit, settings: EvalSettings, device: torch.device) -> List[EvalResult]:
     """Score one split with every scorer of `settings.scorers` on features computed once.
 
@@ -136,6 +145,8 @@ def evaluate_split(backbone: torch.nn.Module, relational: Optional[torch.nn.Modu
     needs_norms = any(scorer_uses_block_norms(name) for name in settings.scorers)
     seconds: Dict[str, float] = {}
     start = time.perf_counter()
+    # Inference never updates BatchNorm, so a folded copy gives the same features faster.
+    backbone = fold_batchnorm(backbone)
     support = select_support(split, settings.few_shot, settings.seed)
     extract = partial(extract_features, backbone, image_size=settings.image_size,
                       batch_size=settings.batch_size, num_workers=settings.num_workers, device=device,
@@ -161,7 +172,7 @@ def evaluate_split(backbone: torch.nn.Module, relational: Optional[torch.nn.Modu
     results = []
     for name in settings.scorers:
         start = time.perf_counter()
-        scorer = build_scorer(name, similarity=similarity, **settings.scorer_kwargs())
+        scorer = build_scorer(name, similarity=similarity, **settings.scorer_kwargs(device))
         if scorer_uses_block_norms(name):
             scorer.fit(support_set.feats, support_set.labels, block_norms=support_set.block_norms,
                        jigsaw_block_norms=jigsaw_set.block_norms)

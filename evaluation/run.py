@@ -76,7 +76,7 @@ def settings_record(args: argparse.Namespace, settings: EvalSettings, checkpoint
             "path_to_txt": args.path_to_txt}
 
 
-def evaluate_splits(splits: List[EvalSplit], backbone: torch.nn.Module, relational: torch.nn.Module,
+def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relational: torch.nn.Module,
                     objective: str, settings: EvalSettings, device: torch.device) -> List[EvalResult]:
     """Evaluate every split (sharded over processes); the results exist on rank 0 only."""
     return [result for split in splits

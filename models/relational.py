@@ -62,6 +62,18 @@ class RelationalTransformer(nn.Module):
         pair = self.proj(torch.stack((feat_a, feat_b), dim=1))
         cls = self.cls_token.expand(pair.shape[0], -1, -1)
         tokens = torch.cat((cls, pair), dim=1)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             tokens = block(tokens)
-        return self.head(self.norm(tokens)[:, 0])
+        return self.head(self.norm(_last_block_cls(self.blocks[-1], tokens)))
+
+
+def _last_block_cls(block: Block, tokens: Tensor) -> Tensor:
+    """The cls row [B, D] of `block(tokens)`, without the MLP on the rows nobody reads.
+
+    Only the cls token reaches the head, and after the attention every token goes through the MLP
+    on its own, so the last block's MLP runs on 1 of the 3 tokens: about 11% fewer FLOPs per pair,
+    the same function (tests compare it with the whole block).
+    """
+    mixed = tokens + block.drop_path1(block.ls1(block.attn(block.norm1(tokens))))
+    cls = mixed[:, 0]
+    return cls + block.drop_path2(block.ls2(block.mlp(block.norm2(cls))))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.backbone import NETWORKS, ResNetBackbone
+from models.backbone import NETWORKS, ResNetBackbone, fold_batchnorm
 from models.objective import OBJECTIVES, l2_output, predict_different, relation_loss, same_class_score
 from models.relational import RelationalTransformer
 
@@ -112,6 +112,43 @@ def test_block_norms_are_of_post_relu_output(resnet18):
     assert torch.allclose(norms[:, index], expected, rtol=1e-5)
 
 
+def _randomise_batchnorm(backbone):
+    """Non-trivial running statistics and affine parameters, so that folding them is really tested."""
+    gen = torch.Generator().manual_seed(1)
+    for module in backbone.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.bias.data.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+    return backbone
+
+
+@pytest.mark.parametrize("network", ["resnet18", "resnet50"])
+def test_fold_batchnorm_same_features_and_norms(network):
+    torch.manual_seed(0)
+    backbone = _randomise_batchnorm(ResNetBackbone(network)).train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    folded = fold_batchnorm(backbone)
+    assert not folded.training
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    # The given module is untouched: still in train mode, same tensors, all its BatchNorms.
+    assert backbone.training
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, norms = backbone.eval()(x, return_block_norms=True)
+        folded_feats, folded_norms = folded(x, return_block_norms=True)
+    assert torch.allclose(folded_feats, feats, rtol=1e-5, atol=1e-5 * feats.abs().max().item())
+    assert torch.allclose(folded_norms, norms, rtol=1e-5)
+
+
+def test_fold_batchnorm_refuses_other_modules():
+    with pytest.raises(TypeError, match="ResNetBackbone.*Sequential"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
 # ---------------------------------------------------------------- relational
 
 @pytest.mark.parametrize("n_outputs, objective", [(1, "L2"), (2, "CE")])
@@ -180,6 +217,29 @@ def test_pair_tokens_are_symmetric_but_both_used():
     assert torch.allclose(ab, ba, atol=1e-6)
     assert not torch.allclose(ab, ac, atol=1e-4)
     assert not torch.allclose(ab, cb, atol=1e-4)
+
+
+def _full_forward(model, feat_a, feat_b):
+    """The textbook forward: every block on every token, then the cls row."""
+    tokens = torch.cat((model.cls_token.expand(feat_a.shape[0], -1, -1),
+                        model.proj(torch.stack((feat_a, feat_b), dim=1))), dim=1)
+    for block in model.blocks:
+        tokens = block(tokens)
+    return model.head(model.norm(tokens)[:, 0])
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_relational_forward_equals_full_blocks(depth):
+    # forward() skips the last block's MLP on the two pair tokens; output and gradients must not change.
+    torch.manual_seed(0)
+    model = RelationalTransformer(feat_dim=16, n_outputs=2, embed_dim=32, depth=depth, n_heads=4)
+    a, b = torch.randn(5, 16), torch.randn(5, 16)
+    out, ref = model(a, b), _full_forward(model, a, b)
+    assert torch.allclose(out, ref, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    for (name, _), grad, ref_grad in zip(model.named_parameters(), grads, ref_grads):
+        assert torch.allclose(grad, ref_grad, atol=1e-6), name
 
 
 def test_relational_batch_independent():

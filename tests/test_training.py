@@ -139,3 +139,19 @@ def test_collapse_warning_on_saturated_outputs():
     assert collapse_warning(healthy, args) is None
     summary = healthy.summary()
     assert summary["acc_same"] == 1.0 and summary["acc_diff"] == 1.0 and summary["loss"] == pytest.approx(0.5)
+
+
+def test_num_workers_default_depends_on_device():
+    parser = train.get_args_parser()
+    for device, expected in (("cpu", 0), ("cuda:1", train.CUDA_NUM_WORKERS)):
+        args = parser.parse_args([])
+        args.device = torch.device(device)  # as init_distributed_mode leaves it
+        train.resolve_num_workers(args)
+        assert args.num_workers == expected
+    args = parser.parse_args(["--num_workers", "3"])
+    args.device = torch.device("cpu")
+    train.resolve_num_workers(args)
+    assert args.num_workers == 3
+    args = parser.parse_args(["--num_workers", "-1"])
+    with pytest.raises(ValueError, match="--num_workers.*-1"):
+        train.resolve_num_workers(args)

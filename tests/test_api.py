@@ -1,0 +1,86 @@
+"""Tests for evaluation.api.NoveltyDetector, the plug-and-play Python API."""
+import pytest
+import torch
+from torch import nn
+
+from datasets.image_lists import load_image
+from datasets.transforms import eval_transform
+from evaluation.api import NoveltyDetector
+from models.backbone import ResNetBackbone
+from models.checkpoint import save_model_folder
+from models.objective import same_class_score
+from models.relational import RelationalTransformer
+
+IMAGE_SIZE = 32
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A random checkpoint folder whose BatchNorms have non-trivial statistics (folding must matter)."""
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet18", weights=None)
+    for module in backbone.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 1.5)
+    save_model_folder(str(tmp_path / "ckpt"), backbone, RelationalTransformer(depth=2), iteration=3)
+    return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def images(image_tree, tmp_path):
+    """(support paths, support labels, query paths): two known classes, queries from them and a novel one."""
+    root = image_tree({"a": 3, "b": 3, "novel": 2}, root=tmp_path / "img", size=20)
+    support = [str(root / c / f"img_{i:03d}.jpg") for c in ("a", "b") for i in range(2)]
+    queries = [str(root / c / f"img_{i:03d}.jpg") for c, i in (("a", 2), ("b", 2), ("novel", 0), ("novel", 1))]
+    return support, [0, 0, 1, 1], queries
+
+
+def naive_scores(model, support, labels, queries):
+    """The authors' algorithm, one image and one prototype at a time, on the unfolded backbone."""
+    transform = eval_transform(IMAGE_SIZE)
+    with torch.no_grad():
+        feature = lambda path: model.backbone(transform(load_image(path)).unsqueeze(0))[0]  # noqa: E731
+        feats, label_tensor = torch.stack([feature(p) for p in support]), torch.tensor(labels)
+        prototypes = [feats[label_tensor == c].mean(0) for c in range(2)]
+        normality, preds = [], []
+        for path in queries:
+            query = feature(path).unsqueeze(0)
+            sims = torch.cat([same_class_score(model.relational(query, p.unsqueeze(0)), "L2", 10.0, 2.0)
+                              for p in prototypes])
+            probs = torch.softmax(sims, dim=0)
+            normality.append(probs.max())
+            preds.append(probs.argmax())
+    return torch.stack(normality), torch.stack(preds)
+
+
+def test_detector_matches_naive_algorithm(checkpoint, images):
+    support, labels, queries = images
+    detector = NoveltyDetector.from_folder(str(checkpoint), image_size=IMAGE_SIZE, batch_size=3)
+    result = detector.fit(support, labels).score(queries)
+    normality, preds = naive_scores(detector.model, support, labels, queries)
+    assert torch.allclose(result.normality, normality, atol=1e-5)
+    assert torch.equal(result.pred, preds)
+    # The loaded model is left as loaded (its BatchNorms are not folded away).
+    assert any(isinstance(m, nn.BatchNorm2d) for m in detector.model.backbone.modules())
+
+
+def test_detector_accepts_features(checkpoint, images):
+    support, labels, queries = images
+    detector = NoveltyDetector.from_folder(str(checkpoint), image_size=IMAGE_SIZE)
+    from_images = detector.fit(support, labels).score(queries)
+    from_feats = detector.fit(detector.features(support), labels).score(detector.features(queries))
+    assert torch.allclose(from_images.normality, from_feats.normality, atol=1e-6)
+
+
+def test_detector_bad_use(checkpoint, images):
+    support, labels, queries = images
+    detector = NoveltyDetector.from_folder(str(checkpoint), image_size=IMAGE_SIZE)
+    with pytest.raises(RuntimeError, match="fit"):
+        detector.score(queries)
+    with pytest.raises(ValueError, match="4 support samples but 3 labels"):
+        detector.fit(support, labels[:3])
+    with pytest.raises(ValueError, match=r"\[N, 512\]"):
+        detector.fit(torch.zeros(4, 16), labels)
+    with pytest.raises(ValueError, match="no images"):
+        detector.features([])
