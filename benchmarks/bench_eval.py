@@ -3,15 +3,18 @@
     python benchmarks/bench_eval.py                      # generated 6- and 54-class Folder trees
     python benchmarks/bench_eval.py --num_workers 0 --classes 6
     # fp32 / bf16 agreement on a trained model and a real split:
-    python train.py --demo --iterations 60 --data_root R --checkpoint_folder_path OUT
-    python benchmarks/bench_eval.py --checkpoint OUT/<run> --dataset Digits --target seen --data_root R
+    python train.py --demo --data_root R --checkpoint_folder_path OUT
+    python benchmarks/bench_eval.py --checkpoint OUT/<run> --sigmoid_compression 1 --dataset Digits \
+        --target seen --data_root R --agreement_image_size 32 --skip backbone pipeline
 
 Sections:
-  (a) `ResNetBackbone` forward alone on preprocessed batches: fp32 NCHW, fp32 channels_last, bf16.
+  (a) `ResNetBackbone` forward alone on preprocessed batches: fp32 NCHW, channels_last, BatchNorm
+      folded (what evaluate_split runs), bf16.
   (b) the full `evaluate_split` on a generated `Folder` tree (JPEGs, 256 px, textured) at each
       number of known classes (prototypes), with the DataLoader timed alone next to it.
-  (c) the authors' evaluation structure re-created here (batch-1 backbone calls, one relational call
-      per (target, prototype) pair, fp32 NCHW), timed on a subset and extrapolated to the split.
+  (c) the authors' evaluation structure re-created here (batch-1 backbone calls, fp32 NCHW; per
+      scored image one relational call per prototype, and again with its prototypes in one call),
+      timed on a subset and extrapolated to the split.
   (d) fp32 vs bf16 agreement: |AUROC difference| and the largest relative feature difference, on
       --dataset (a real split such as Digits and a trained --checkpoint make this meaningful).
 """
@@ -37,7 +40,7 @@ from datasets.image_lists import ImageListDataset, Sample  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from evaluation.evaluate import EvalResult, EvalSettings, evaluate_split  # noqa: E402
 from evaluation.features import extract_features  # noqa: E402
-from models.backbone import ResNetBackbone  # noqa: E402
+from models.backbone import ResNetBackbone, fold_batchnorm  # noqa: E402
 from models.checkpoint import LoadedModel, load_model_folder, save_model_folder  # noqa: E402
 from models.objective import same_class_score  # noqa: E402
 from models.relational import RelationalTransformer  # noqa: E402
@@ -134,28 +137,26 @@ def backbone_section(model: LoadedModel, args: argparse.Namespace) -> None:
     """(a) images/s of ResNetBackbone.forward on preprocessed batches in each precision and layout."""
     print(f"\n## (a) backbone alone: {model.network} forward on preprocessed {args.image_size} px batches, "
           f"inference_mode")
-    print(f"{'variant':<44} {'batch':>5} {'ms/img':>8} {'img/s':>8}")
+    print(f"{'variant':<50} {'batch':>5} {'ms/img':>8} {'img/s':>8}")
     backbone = model.backbone.eval()
     size = args.image_size
     gen = torch.Generator().manual_seed(args.seed)
     batch = torch.randn(args.backbone_batch, 3, size, size, generator=gen)
     single = batch[:1].clone()
     cl_batch = batch.contiguous(memory_format=torch.channels_last)
-    cl_weights = ResNetBackbone(model.network, weights=None)
-    cl_weights.load_state_dict(backbone.state_dict())
-    cl_weights = cl_weights.eval().to(memory_format=torch.channels_last)
+    folded = fold_batchnorm(backbone)
     variants = [
         ("fp32 NCHW, batch 1 (the authors' calls)", backbone, single, "none", args.repeats * 5),
         ("fp32 NCHW", backbone, batch, "none", args.repeats),
-        ("fp32 channels_last input (as extract_features)", backbone, cl_batch, "none", args.repeats),
-        ("fp32 channels_last input + weights", cl_weights, cl_batch, "none", args.repeats),
+        ("fp32 channels_last input", backbone, cl_batch, "none", args.repeats),
+        ("fp32 channels_last, BN folded (as evaluate_split)", folded, cl_batch, "none", args.repeats),
         ("bf16 autocast channels_last input", backbone, cl_batch, "bf16", args.repeats),
-        ("bf16 autocast channels_last input + weights", cl_weights, cl_batch, "bf16", args.repeats),
+        ("bf16 channels_last, BN folded (as evaluate_split)", folded, cl_batch, "bf16", args.repeats),
     ]
     for name, module, images, amp, repeats in variants:
         seconds = time_backbone(module, images, amp, repeats)
         n = images.shape[0]
-        print(f"{name:<44} {n:>5} {1000 * seconds / n:8.2f} {n / seconds:8.1f}", flush=True)
+        print(f"{name:<50} {n:>5} {1000 * seconds / n:8.2f} {n / seconds:8.1f}", flush=True)
 
 
 def time_loader(samples: Sequence[Sample], settings: EvalSettings) -> float:
@@ -175,7 +176,7 @@ def time_loader(samples: Sequence[Sample], settings: EvalSettings) -> float:
 @torch.no_grad()
 def authors_style_eval(model: LoadedModel, support: Sequence[Sample], scored: Sequence[Sample],
                        n_classes: int, image_size: int, num_workers: int,
-                       batch_prototypes: bool = False) -> Dict[str, object]:
+                       batch_prototypes: bool = False, compression: float = 10.0) -> Dict[str, object]:
     """The authors' loop: one image per backbone call, fp32 NCHW, unfolded BatchNorm; per target either
     one relational call per prototype or (`batch_prototypes`) one call holding all its prototypes."""
     backbone, relational = model.backbone.eval(), model.relational.eval()
@@ -200,12 +201,12 @@ def authors_style_eval(model: LoadedModel, support: Sequence[Sample], scored: Se
         feat = backbone(image)
         if batch_prototypes:
             logits = relational(feat.expand(n_classes, -1), prototypes)
-            sims = [same_class_score(logits, model.objective, 10.0, 2.0)]
+            sims = [same_class_score(logits, model.objective, compression, 2.0)]
         else:
             sims = []
             for c in range(n_classes):
                 logits = relational(feat, prototypes[c:c + 1])
-                sims.append(same_class_score(logits, model.objective, 10.0, 2.0))
+                sims.append(same_class_score(logits, model.objective, compression, 2.0))
         prob = torch.softmax(torch.cat(sims), dim=0)
         normality.append(float(prob.max()))
         preds.append(int(prob.argmax()))
@@ -253,7 +254,7 @@ def pipeline_section(model: LoadedModel, split: EvalSplit, args: argparse.Namesp
     results = {}
     for amp in args.amps:
         settings = EvalSettings(image_size=args.image_size, batch_size=args.batch_size,
-                                num_workers=args.num_workers, amp=amp)
+                                num_workers=args.num_workers, amp=amp, compression=args.sigmoid_compression)
         run_eval(model, split, settings)  # warm-up: oneDNN primitives, worker start-up paths
         runs = [run_eval(model, split, settings) for _ in range(args.repeats)]
         wall, result = min(runs, key=lambda run: run[0])
@@ -276,7 +277,7 @@ def pipeline_section(model: LoadedModel, split: EvalSplit, args: argparse.Namesp
                        args.num_workers)  # warm-up
     for batch_prototypes in (False, True):
         loop = authors_style_eval(model, sub_support, sub_scored, split.known_classes, args.image_size,
-                                  args.num_workers, batch_prototypes)
+                                  args.num_workers, batch_prototypes, args.sigmoid_compression)
         ms_support = 1000 * loop["support_s"] / len(sub_support)
         ms_scored = 1000 * loop["scored_s"] / len(sub_scored)
         loop_total = (n_support * ms_support + n_scored * ms_scored) / 1000
@@ -329,7 +330,7 @@ def agreement_section(model: LoadedModel, split: EvalSplit, args: argparse.Names
     results = {}
     for amp in ("none", "bf16"):
         settings = EvalSettings(image_size=size, batch_size=args.batch_size, num_workers=args.num_workers,
-                                amp=amp)
+                                amp=amp, compression=args.sigmoid_compression)
         wall, results[amp] = run_eval(model, split, settings)
         print(f"amp {amp:<5} auroc {results[amp].metrics['auroc']:.4f}  fpr95 {results[amp].metrics['fpr95']:.4f}"
               f"  closed-set acc {results[amp].metrics['closed_set_acc']:.4f}  ({wall:.1f} s)", flush=True)
@@ -361,7 +362,7 @@ def profile_eval(model: LoadedModel, split: EvalSplit, args: argparse.Namespace,
     from torch.profiler import ProfilerActivity, profile
 
     settings = EvalSettings(image_size=args.image_size, batch_size=args.batch_size,
-                            num_workers=args.num_workers, amp=amp)
+                            num_workers=args.num_workers, amp=amp, compression=args.sigmoid_compression)
     run_eval(model, split, settings)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run_eval(model, split, settings)
@@ -408,6 +409,8 @@ def parse_args() -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: random weights)")
+    parser.add_argument("--sigmoid_compression", type=float, default=10.0,
+                        help="c of the scores (as train.py; the demo trains with 1)")
     parser.add_argument("--depth", type=int, default=4, help="relational depth of the random checkpoint")
     parser.add_argument("--classes", type=int, nargs="+", default=sorted(SUPPORT_PER_CLASS),
                         help="known classes of each generated Folder split")

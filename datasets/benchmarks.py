@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from datasets.digits import DIGITS_TARGETS, digits_eval_split, digits_list_file_names
 from datasets.image_lists import (IMAGE_EXTENSIONS, DataError, Sample, check_files_exist,
-                                  list_images, list_subfolders, read_list_file)
+                                  list_images, list_subfolders, read_list_file, read_split_lists)
 
 EVAL_DATASETS = ("PACS_DG", "PACS_SS_DG", "OfficeHome_DG", "OfficeHome_SS_DG", "DomainNet_IN_OUT",
                  "Folder", "Digits")
@@ -313,18 +313,9 @@ def get_eval_split(dataset: str, target: str | None, data_root: str | None,
 def _split_from_lists(bench: Benchmark, target: str, data_root: str,
                       path_to_txt: str) -> EvalSplit:
     """Read the authors' support and scored list files of a target."""
-    root = list_root(bench.name, data_root)
-    lists = []
-    for name in list_file_names(bench.name, target):
-        list_path = os.path.join(path_to_txt, bench.name, name)
-        samples = read_list_file(list_path, root)
-        bad = sorted({label for _, label in samples if not 0 <= label < len(bench.class_names)})
-        if bad:
-            raise DataError(f"{list_path}: labels {bad} are outside 0..{len(bench.class_names) - 1} "
-                            f"of {bench.name}")
-        lists.append(samples)
-    support, scored = lists
-    check_files_exist(support + scored)
+    list_paths = [os.path.join(path_to_txt, bench.name, name) for name in list_file_names(bench.name, target)]
+    support, scored = read_split_lists(list_paths, list_root(bench.name, data_root), len(bench.class_names),
+                                       bench.name)
     return EvalSplit(bench.name, target, support, scored, bench.known_classes,
                      list(bench.class_names))
 

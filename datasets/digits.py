@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from datasets.image_lists import DataError, Sample, check_files_exist, list_images, read_list_file
+from datasets.image_lists import DataError, Sample, list_images, read_split_lists
 
 if TYPE_CHECKING:  # benchmarks imports this module; EvalSplit is imported where it is built
     from datasets.benchmarks import EvalSplit
@@ -276,18 +276,9 @@ def _folder_samples(root: str, folders: tuple[str, ...], class_names: tuple[str,
 def _split_from_lists(target: str, protocol: DigitsTarget, data_root: str,
                       path_to_txt: str) -> tuple[list[Sample], list[Sample]]:
     """Support and scored samples read from `path_to_txt/Digits/<list>`, labels checked."""
-    lists = []
-    for name in protocol.list_names:
-        list_path = os.path.join(path_to_txt, DIGITS_DATASET, name)
-        samples = read_list_file(list_path, data_root)
-        bad = sorted({label for _, label in samples
-                      if not 0 <= label < len(protocol.class_names)})
-        if bad:
-            raise DataError(f"{list_path}: labels {bad} are outside 0..{len(protocol.class_names) - 1} "
-                            f"of {DIGITS_DATASET}/{target}")
-        lists.append(samples)
-    support, scored = lists
-    check_files_exist(support + scored)
+    list_paths = [os.path.join(path_to_txt, DIGITS_DATASET, name) for name in protocol.list_names]
+    support, scored = read_split_lists(list_paths, data_root, len(protocol.class_names),
+                                       f"{DIGITS_DATASET}/{target}")
     return support, scored
 
 

@@ -73,6 +73,20 @@ def read_list_file(list_path: str, root: str) -> list[Sample]:
     return samples
 
 
+def read_split_lists(list_paths: Sequence[str], root: str, n_classes: int,
+                     what: str) -> list[list[Sample]]:
+    """The samples of each list file, labels checked against 0..n_classes-1 and every image present."""
+    lists = []
+    for list_path in list_paths:
+        samples = read_list_file(list_path, root)
+        bad = sorted({label for _, label in samples if not 0 <= label < n_classes})
+        if bad:
+            raise DataError(f"{list_path}: labels {bad} are outside 0..{n_classes - 1} of {what}")
+        lists.append(samples)
+    check_files_exist([sample for samples in lists for sample in samples])
+    return lists
+
+
 def write_list_file(list_path: str, samples: Iterable[Sample], root: str) -> None:
     """Write samples as `<path relative to root> <label>` lines (forward slashes), atomically."""
     root = os.path.abspath(root)

@@ -5,7 +5,7 @@
     detector.fit(["cat1.jpg", "cat2.jpg", "dog1.jpg"], [0, 0, 1])   # support images and labels
     result = detector.score(["query.jpg"])                           # result.normality, result.pred
 """
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from PIL import Image

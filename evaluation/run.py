@@ -1,5 +1,6 @@
 """`train.py --only_eval` and the periodic evaluation: splits -> evaluate_split -> files and table."""
 import argparse
+import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -97,6 +98,32 @@ def write_results(results: List[EvalResult], out_folder: str, record: Dict[str, 
         summary_files(results, eval_dir)
 
 
+OUTPUT_MAPPING_FLAGS = ("sigmoid_compression", "sigmoid_expansion")
+
+
+def warn_on_output_mapping_mismatch(folder: str, args: argparse.Namespace) -> None:
+    """Warn when the run that wrote `folder` trained with other sigmoid settings than these scores use.
+
+    The authors' checkpoint files do not record c and e, but they are part of the model's output
+    (e*sigmoid(c*x) - e/2), so scoring with other values silently changes every normality score.
+    Only run folders of this project have the `args.json` to check against.
+    """
+    args_path = os.path.join(folder, "args.json")
+    if not os.path.isfile(args_path) or not is_main_process():
+        return
+    try:
+        with open(args_path, encoding="utf-8") as handle:
+            trained = json.load(handle)
+    except (OSError, ValueError) as error:
+        print(f"warning: cannot read {args_path} to check the sigmoid settings: {error}", flush=True)
+        return
+    for flag in OUTPUT_MAPPING_FLAGS:
+        if flag in trained and float(trained[flag]) != float(getattr(args, flag)):
+            print(f"warning: {folder} was trained with --{flag} {trained[flag]} but is scored with "
+                  f"--{flag} {getattr(args, flag)}; pass --{flag} {trained[flag]} to score it as trained",
+                  flush=True)
+
+
 def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
     """Load the checkpoint folder, evaluate the requested targets, print the table."""
     if args.dataset not in EVAL_DATASETS:
@@ -113,6 +140,7 @@ def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
         model = load_model_folder(folder, n_heads=args.transf_n_heads, device=args.device)
         backbone, relational, objective = model.backbone, model.relational, model.objective
         network, iteration = model.network, model.iteration
+        warn_on_output_mapping_mismatch(folder, args)
     splits = load_splits(args, args.dataset, args.target)
     record = settings_record(args, settings, folder, network, objective, iteration)
     if args.backbone_only:

@@ -161,41 +161,52 @@ def farthest_point_indices(feats: Tensor, k: int) -> Tensor:
     return torch.tensor(chosen, dtype=torch.long, device=feats.device)
 
 
-@register_scorer("resend")
-class RelationalPrototypeScorer(Scorer):
-    """ReSeND: relational similarity of each target to every class-mean prototype, softmax over classes."""
+class RelationalScorer(Scorer):
+    """Base of the ReSeND scorers: a pair similarity against a fitted reference set (`self.references`)."""
 
     def __init__(self, similarity: PairSimilarity, chunk_size: int = DEFAULT_CHUNK_SIZE):
         self.similarity = similarity
         self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
-        self.prototypes: Tensor | None = None
+        self.references: Tensor | None = None
+
+    @property
+    def prototypes(self) -> Tensor | None:
+        """The fitted references: class means, selected support samples, or (knn) the whole support set."""
+        return self.references
+
+    def _similarities(self, target_feats: Tensor) -> Tensor:
+        """[M, R] similarity of every target (first in the pair) to every reference."""
+        if self.references is None:
+            raise RuntimeError(f"{type(self).__name__}.score called before fit")
+        _check_targets(target_feats, self.references, "fitted references")
+        return pairwise_similarity(self.similarity, target_feats, self.references, self.chunk_size)
+
+
+@register_scorer("resend")
+class RelationalPrototypeScorer(RelationalScorer):
+    """ReSeND: relational similarity of each target to every class-mean prototype, softmax over classes."""
 
     def fit(self, support_feats: Tensor, support_labels: Tensor) -> None:
-        """Prototypes = mean support feature of each class 0..C-1."""
+        """References = mean support feature of each class 0..C-1 (the prototypes)."""
         n_classes = _check_support(support_feats, support_labels)
         with torch.no_grad():
-            self.prototypes = class_means(support_feats, support_labels.long(), n_classes)
+            self.references = class_means(support_feats, support_labels.long(), n_classes)
 
+    @torch.no_grad()
     def score(self, target_feats: Tensor) -> ScoreResult:
         """Normality = max softmax probability over the per-prototype similarities."""
-        if self.prototypes is None:
-            raise RuntimeError(f"{type(self).__name__}.score called before fit")
-        _check_targets(target_feats, self.prototypes, "prototypes")
-        with torch.no_grad():
-            sim = pairwise_similarity(self.similarity, target_feats, self.prototypes, self.chunk_size)
-            normality, pred = torch.softmax(sim, dim=1).max(dim=1)
-            return ScoreResult(normality=normality, pred=pred, extra={"max_similarity": sim.max(dim=1).values})
+        sim = self._similarities(target_feats)
+        normality, pred = torch.softmax(sim, dim=1).max(dim=1)
+        return ScoreResult(normality=normality, pred=pred, extra={"max_similarity": sim.max(dim=1).values})
 
 
 @register_scorer("resend_msp")
-class MostSignificantPrototypesScorer(Scorer):
+class MostSignificantPrototypesScorer(RelationalScorer):
     """Up to k farthest-point support samples per class as prototypes; class score = best of them."""
 
     def __init__(self, similarity: PairSimilarity, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        self.similarity = similarity
+        super().__init__(similarity, chunk_size)
         self.k = _check_positive_int(k, "k")
-        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
-        self.prototypes: Tensor | None = None
         self.prototype_labels: Tensor | None = None
         self.prototype_indices: Tensor | None = None
         self.n_classes = 0
@@ -212,33 +223,28 @@ class MostSignificantPrototypesScorer(Scorer):
                     raise ValueError(f"class {c} has no support samples")
                 picked.append(members[farthest_point_indices(support_feats[members], self.k)])
             self.prototype_indices = torch.cat(picked)
-            self.prototypes = support_feats[self.prototype_indices]
+            self.references = support_feats[self.prototype_indices]
             self.prototype_labels = labels[self.prototype_indices]
 
+    @torch.no_grad()
     def score(self, target_feats: Tensor) -> ScoreResult:
         """Normality = max softmax over per-class best similarities; extra max_logit = the best similarity."""
-        if self.prototypes is None:
-            raise RuntimeError(f"{type(self).__name__}.score called before fit")
-        _check_targets(target_feats, self.prototypes, "prototypes")
-        with torch.no_grad():
-            sim = pairwise_similarity(self.similarity, target_feats, self.prototypes, self.chunk_size)
-            index = self.prototype_labels.unsqueeze(0).expand(sim.shape[0], -1)
-            class_scores = torch.full(
-                (sim.shape[0], self.n_classes), -float("inf"), dtype=sim.dtype, device=sim.device
-            ).scatter_reduce(1, index, sim, reduce="amax")
-            normality, pred = torch.softmax(class_scores, dim=1).max(dim=1)
-            return ScoreResult(normality=normality, pred=pred, extra={"max_logit": class_scores.max(dim=1).values})
+        sim = self._similarities(target_feats)
+        index = self.prototype_labels.unsqueeze(0).expand(sim.shape[0], -1)
+        class_scores = torch.full(
+            (sim.shape[0], self.n_classes), -float("inf"), dtype=sim.dtype, device=sim.device
+        ).scatter_reduce(1, index, sim, reduce="amax")
+        normality, pred = torch.softmax(class_scores, dim=1).max(dim=1)
+        return ScoreResult(normality=normality, pred=pred, extra={"max_logit": class_scores.max(dim=1).values})
 
 
 @register_scorer("resend_knn")
-class KnnRelationalScorer(Scorer):
+class KnnRelationalScorer(RelationalScorer):
     """Relational similarity to every support sample; normality = mean of the k largest."""
 
     def __init__(self, similarity: PairSimilarity, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        self.similarity = similarity
+        super().__init__(similarity, chunk_size)
         self.k = _check_positive_int(k, "k")
-        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
-        self.support_feats: Tensor | None = None
         self.support_labels: Tensor | None = None
 
     def fit(self, support_feats: Tensor, support_labels: Tensor) -> None:
@@ -246,20 +252,17 @@ class KnnRelationalScorer(Scorer):
         _check_support(support_feats, support_labels)
         if support_feats.shape[0] < self.k:
             raise ValueError(f"k = {self.k} exceeds the support set size {support_feats.shape[0]}")
-        self.support_feats = support_feats
+        self.references = support_feats
         self.support_labels = support_labels.long()
 
+    @torch.no_grad()
     def score(self, target_feats: Tensor) -> ScoreResult:
         """Normality = mean of the top-k similarities; pred = label of the most similar support sample."""
-        if self.support_feats is None:
-            raise RuntimeError(f"{type(self).__name__}.score called before fit")
-        _check_targets(target_feats, self.support_feats, "support features")
-        with torch.no_grad():
-            sim = pairwise_similarity(self.similarity, target_feats, self.support_feats, self.chunk_size)
-            top = torch.topk(sim, self.k, dim=1).values
-            # argmax (first of tied maxima) keeps the prediction deterministic, unlike topk's order.
-            pred = self.support_labels[sim.argmax(dim=1)]
-            return ScoreResult(normality=top.mean(dim=1), pred=pred, extra={"max_similarity": top[:, 0]})
+        sim = self._similarities(target_feats)
+        top = torch.topk(sim, self.k, dim=1).values
+        # argmax (first of tied maxima) keeps the prediction deterministic, unlike topk's order.
+        pred = self.support_labels[sim.argmax(dim=1)]
+        return ScoreResult(normality=top.mean(dim=1), pred=pred, extra={"max_similarity": top[:, 0]})
 
 
 def few_shot_indices(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 
 from models.backbone import NETWORKS, ResNetBackbone
 from models.relational import RelationalTransformer
+from utils.atomic_files import StagedFiles, atomic_open
 
 FEATURE_EXTRACTOR_FILE = "feature_extractor.pkl"
 RELATIONAL_FILE = "cls_rel.pkl"
@@ -40,70 +40,10 @@ class LoadedModel:
 
 # ---------------------------------------------------------------- atomic writes
 
-def _temp_path(path: str) -> str:
-    """Create an empty temp file next to `path` (same filesystem, so os.replace is atomic)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return tmp
-
-
-def _remove_quietly(path: str) -> None:
-    """Delete a leftover temp file; it may already be gone."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _stage_torch(obj: object, path: str) -> str:
-    """torch.save `obj` to a fresh temp file next to `path`, flushed to disk; returns the temp path."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    return tmp
-
-
-def _stage_text(text: str, path: str) -> str:
-    """Write `text` to a fresh temp file next to `path`, flushed to disk; returns the temp path."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    return tmp
-
-
-def _commit(staged: list[tuple[str, str]]) -> None:
-    """os.replace every (temp, final) pair in order; on failure delete the temps not yet moved."""
-    done = 0
-    try:
-        for tmp, path in staged:
-            os.replace(tmp, path)
-            done += 1
-    finally:
-        for tmp, _ in staged[done:]:
-            _remove_quietly(tmp)
-
-
 def atomic_torch_save(obj: object, path: str) -> None:
     """torch.save to a temp file in the same folder, then os.replace, so `path` is never half written."""
-    _commit([(_stage_torch(obj, path), path)])
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a text file via a temp file in the same folder and os.replace."""
-    _commit([(_stage_text(text, path), path)])
+    with atomic_open(path, "wb") as out:
+        torch.save(obj, out)
 
 
 # ---------------------------------------------------------------- state dicts
@@ -288,19 +228,14 @@ def save_model_folder(folder: str, backbone: ResNetBackbone, relational: Relatio
     folder = str(folder)
     os.makedirs(folder, exist_ok=True)
     last_path = os.path.join(folder, LAST_CHECKPOINT_FILE)
-    # Stage every file before replacing any, so a failure while serialising changes nothing.
-    staged: list[tuple[str, str]] = []
-    try:
-        path = os.path.join(folder, FEATURE_EXTRACTOR_FILE)
-        staged.append((_stage_torch(backbone_state_to_authors(_cpu_state(backbone)), path), path))
-        path = os.path.join(folder, RELATIONAL_FILE)
-        staged.append((_stage_torch(_cpu_state(relational), path), path))
+    # Every file is written before any is replaced, so a failure while serialising changes nothing.
+    with StagedFiles() as files:
+        with files.open(os.path.join(folder, FEATURE_EXTRACTOR_FILE), "wb") as out:
+            torch.save(backbone_state_to_authors(_cpu_state(backbone)), out)
+        with files.open(os.path.join(folder, RELATIONAL_FILE), "wb") as out:
+            torch.save(_cpu_state(relational), out)
         if iteration is not None:
-            staged.append((_stage_text(f"{int(iteration)}\n", last_path), last_path))
-    except BaseException:
-        for tmp, _ in staged:
-            _remove_quietly(tmp)
-        raise
-    _commit(staged)
-    if iteration is None:
-        _remove_quietly(last_path)
+            with files.open(last_path, "w") as out:
+                out.write(f"{int(iteration)}\n")
+    if iteration is None and os.path.exists(last_path):
+        os.remove(last_path)

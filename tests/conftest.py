@@ -1,9 +1,7 @@
 """Shared pytest fixtures: tiny generated image trees, deterministic torch."""
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -8,10 +8,11 @@ from torchvision.models import resnet18 as tv_resnet18
 from models.backbone import ResNetBackbone
 from models.checkpoint import (
     FEATURE_EXTRACTOR_FILE, LAST_CHECKPOINT_FILE, RELATIONAL_FILE, CheckpointError, atomic_torch_save,
-    atomic_write_text, backbone_state_from_any, backbone_state_to_authors, infer_network, load_model_folder,
-    read_state_file, save_model_folder,
+    backbone_state_from_any, backbone_state_to_authors, infer_network, load_model_folder, read_state_file,
+    save_model_folder,
 )
 from models.relational import RelationalTransformer
+from utils.atomic_files import atomic_write_text
 
 HEADS = 4
 SMALL = dict(embed_dim=32, n_heads=HEADS)

@@ -122,6 +122,18 @@ def test_variants_run(pacs_root, random_checkpoint):
     assert record["n_support"] == 6 and record["settings"]["few_shot"] == 1
 
 
+def test_warns_when_scored_with_other_sigmoid_settings_than_trained(pacs_root, random_checkpoint, capsys):
+    # A run folder of this project records the training flags; c and e shape every score.
+    (random_checkpoint / "args.json").write_text(json.dumps({"sigmoid_compression": 1.0,
+                                                              "sigmoid_expansion": 2.0}))
+    run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo"))
+    out = capsys.readouterr().out
+    assert "trained with --sigmoid_compression 1.0 but is scored with --sigmoid_compression 10.0" in out
+    assert "sigmoid_expansion" not in out
+    run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo", "--sigmoid_compression", "1"))
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_bad_inputs_fail_before_writing(tmp_path, pacs_root, random_checkpoint):
     with pytest.raises(Exception, match="PACS"):
         run(eval_argv(tmp_path / "nowhere", random_checkpoint, "--target", "ArtPainting"))
