@@ -1,15 +1,14 @@
 """Tests for evaluation.api.NoveltyDetector, the plug-and-play Python API."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from datasets.image_lists import load_image
-from datasets.transforms import eval_transform
 from evaluation.api import NoveltyDetector
 from models.backbone import ResNetBackbone
 from models.checkpoint import save_model_folder
-from models.objective import same_class_score
 from models.relational import RelationalTransformer
+from tests.naive_resend import naive_resend_scores
 
 IMAGE_SIZE = 32
 
@@ -36,31 +35,14 @@ def images(image_tree, tmp_path):
     return support, [0, 0, 1, 1], queries
 
 
-def naive_scores(model, support, labels, queries):
-    """The authors' algorithm, one image and one prototype at a time, on the unfolded backbone."""
-    transform = eval_transform(IMAGE_SIZE)
-    with torch.no_grad():
-        feature = lambda path: model.backbone(transform(load_image(path)).unsqueeze(0))[0]  # noqa: E731
-        feats, label_tensor = torch.stack([feature(p) for p in support]), torch.tensor(labels)
-        prototypes = [feats[label_tensor == c].mean(0) for c in range(2)]
-        normality, preds = [], []
-        for path in queries:
-            query = feature(path).unsqueeze(0)
-            sims = torch.cat([same_class_score(model.relational(query, p.unsqueeze(0)), "L2", 10.0, 2.0)
-                              for p in prototypes])
-            probs = torch.softmax(sims, dim=0)
-            normality.append(probs.max())
-            preds.append(probs.argmax())
-    return torch.stack(normality), torch.stack(preds)
-
-
 def test_detector_matches_naive_algorithm(checkpoint, images):
     support, labels, queries = images
     detector = NoveltyDetector.from_folder(str(checkpoint), image_size=IMAGE_SIZE, batch_size=3)
     result = detector.fit(support, labels).score(queries)
-    normality, preds = naive_scores(detector.model, support, labels, queries)
-    assert torch.allclose(result.normality, normality, atol=1e-5)
-    assert torch.equal(result.pred, preds)
+    normality, preds = naive_resend_scores(detector.model.backbone, detector.model.relational,
+                                           list(zip(support, labels)), queries, 2, IMAGE_SIZE)
+    np.testing.assert_allclose(result.normality.numpy(), normality, atol=1e-5)
+    assert np.array_equal(result.pred.numpy(), preds)
     # The loaded model is left as loaded (its BatchNorms are not folded away).
     assert any(isinstance(m, nn.BatchNorm2d) for m in detector.model.backbone.modules())
 

@@ -8,13 +8,11 @@ import torch
 
 import train
 from datasets.benchmarks import get_eval_split
-from datasets.image_lists import load_image
-from datasets.transforms import eval_transform
 from evaluation.metrics import compute_metrics
 from models.backbone import ResNetBackbone
 from models.checkpoint import CheckpointError, save_model_folder
-from models.objective import same_class_score
 from models.relational import RelationalTransformer
+from tests.naive_resend import naive_resend_scores
 
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
@@ -51,26 +49,6 @@ def eval_argv(root, ckpt, *extra):
             "--device", "cpu", "--eval_batch_size", "5", *extra]
 
 
-def authors_style_scores(ckpt_backbone, relational, split, image_size):
-    """The authors' algorithm written naively: one image at a time, one prototype at a time."""
-    transform = eval_transform(image_size)
-    with torch.no_grad():
-        def feature(path):
-            return ckpt_backbone(transform(load_image(path)).unsqueeze(0))[0]
-        support = torch.stack([feature(p) for p, _ in split.support])
-        labels = torch.tensor([label for _, label in split.support])
-        prototypes = [support[labels == c].mean(0) for c in range(split.known_classes)]
-        scores, preds = [], []
-        for path, _ in split.scored:
-            target = feature(path)
-            sims = torch.stack([same_class_score(relational(target[None], proto[None]), "L2")[0]
-                                for proto in prototypes])
-            probs = torch.softmax(sims, dim=0)
-            scores.append(float(probs.max()))
-            preds.append(int(probs.argmax()))
-    return np.array(scores), np.array(preds)
-
-
 def test_only_eval_writes_json_csv_tensorboard_and_matches_naive_algorithm(pacs_root, random_checkpoint, capsys):
     run(eval_argv(pacs_root, random_checkpoint, "--target", "ArtPainting"))
     out = capsys.readouterr().out
@@ -89,7 +67,8 @@ def test_only_eval_writes_json_csv_tensorboard_and_matches_naive_algorithm(pacs_
     model = load_model_folder(str(random_checkpoint))
     model.backbone.eval(), model.relational.eval()
     split = get_eval_split("PACS_DG", "ArtPainting", str(pacs_root))
-    scores, preds = authors_style_scores(model.backbone, model.relational, split, 32)
+    scores, preds = naive_resend_scores(model.backbone, model.relational, split.support,
+                                        [path for path, _ in split.scored], split.known_classes, 32)
     labels = np.array([label for _, label in split.scored])
     expected = compute_metrics(scores, labels, preds, 6)
     assert record["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
