@@ -149,6 +149,17 @@ def test_fold_batchnorm_refuses_other_modules():
         fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
 
 
+def test_fold_batchnorm_refuses_unfoldable_norms():
+    backbone = ResNetBackbone("resnet18")
+    backbone.layer1[0].bn2 = nn.GroupNorm(8, 64)
+    with pytest.raises(TypeError, match="cannot fold GroupNorm into Conv2d"):
+        fold_batchnorm(backbone)
+    backbone = ResNetBackbone("resnet18")
+    backbone.bn1 = nn.BatchNorm2d(64, track_running_stats=False)
+    with pytest.raises(ValueError, match="without running statistics"):
+        fold_batchnorm(backbone)
+
+
 # ---------------------------------------------------------------- relational
 
 @pytest.mark.parametrize("n_outputs, objective", [(1, "L2"), (2, "CE")])

@@ -111,6 +111,9 @@ def test_warns_when_scored_with_other_sigmoid_settings_than_trained(pacs_root, r
     assert "sigmoid_expansion" not in out
     run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo", "--sigmoid_compression", "1"))
     assert "warning" not in capsys.readouterr().out
+    (random_checkpoint / "args.json").write_text("{not json")
+    run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo"))
+    assert f"cannot read {random_checkpoint / 'args.json'} to check the sigmoid settings" in capsys.readouterr().out
 
 
 def test_bad_inputs_fail_before_writing(tmp_path, pacs_root, random_checkpoint):
