@@ -71,8 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--head_init", default="vit", choices=["vit", "zero"],
                        help="relational head init: ViT trunc-normal (authors) or zeros (from-scratch runs)")
     model.add_argument("--loss_function", default="L2", choices=["L2", "CE"])
-    model.add_argument("--sigmoid_compression", type=float, default=10.0, help="c in e*sigmoid(c*x)-e/2")
-    model.add_argument("--sigmoid_expansion", type=float, default=2.0, help="e in e*sigmoid(c*x)-e/2")
+    model.add_argument("--sigmoid_compression", type=float, default=10.0,
+                       help="c in the L2 training loss's e*sigmoid(c*x)-e/2 (scores use the raw logit x)")
+    model.add_argument("--sigmoid_expansion", type=float, default=2.0,
+                       help="e in the L2 training loss's e*sigmoid(c*x)-e/2 (scores use the raw logit x)")
 
     train = parser.add_argument_group("training")
     train.add_argument("--batch_size", type=int, default=256, help="pairs per process per micro-step")

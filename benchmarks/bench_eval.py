@@ -4,7 +4,7 @@
     python benchmarks/bench_eval.py --num_workers 0 --classes 6
     # fp32 / bf16 agreement on a trained model and a real split:
     python train.py --demo --data_root R --checkpoint_folder_path OUT
-    python benchmarks/bench_eval.py --checkpoint OUT/<run> --sigmoid_compression 1 --dataset Digits \
+    python benchmarks/bench_eval.py --checkpoint OUT/<run> --dataset Digits \
         --target seen --data_root R --agreement_image_size 32 --skip backbone pipeline
 
 Sections:
@@ -42,7 +42,6 @@ from evaluation.evaluate import EvalResult, EvalSettings, evaluate_split  # noqa
 from evaluation.features import extract_features  # noqa: E402
 from models.backbone import ResNetBackbone, fold_batchnorm  # noqa: E402
 from models.checkpoint import LoadedModel, load_model_folder, save_model_folder  # noqa: E402
-from models.objective import same_class_score  # noqa: E402
 from models.relational import RelationalTransformer  # noqa: E402
 from utils.precision import autocast  # noqa: E402
 
@@ -176,9 +175,13 @@ def time_loader(samples: Sequence[Sample], settings: EvalSettings) -> float:
 @torch.no_grad()
 def authors_style_eval(model: LoadedModel, support: Sequence[Sample], scored: Sequence[Sample],
                        n_classes: int, image_size: int, num_workers: int,
-                       batch_prototypes: bool = False, compression: float = 10.0) -> Dict[str, object]:
+                       batch_prototypes: bool = False) -> Dict[str, object]:
     """The authors' loop: one image per backbone call, fp32 NCHW, unfolded BatchNorm; per target either
-    one relational call per prototype or (`batch_prototypes`) one call holding all its prototypes."""
+    one relational call per prototype or (`batch_prototypes`) one call holding all its prototypes.
+
+    Scored as the authors do, written here from their formula rather than taken from the project:
+    the negated raw head output (L2 head) or the same-class logit (CE head), softmax over classes.
+    """
     backbone, relational = model.backbone.eval(), model.relational.eval()
     transform = eval_transform(image_size)
 
@@ -201,13 +204,10 @@ def authors_style_eval(model: LoadedModel, support: Sequence[Sample], scored: Se
         feat = backbone(image)
         if batch_prototypes:
             logits = relational(feat.expand(n_classes, -1), prototypes)
-            sims = [same_class_score(logits, model.objective, compression, 2.0)]
         else:
-            sims = []
-            for c in range(n_classes):
-                logits = relational(feat, prototypes[c:c + 1])
-                sims.append(same_class_score(logits, model.objective, compression, 2.0))
-        prob = torch.softmax(torch.cat(sims), dim=0)
+            logits = torch.cat([relational(feat, prototypes[c:c + 1]) for c in range(n_classes)])
+        scores = -logits[:, 0] if logits.shape[1] == 1 else logits[:, 0]
+        prob = torch.softmax(scores, dim=0)
         normality.append(float(prob.max()))
         preds.append(int(prob.argmax()))
     scored_s = time.perf_counter() - start
@@ -230,7 +230,7 @@ def authors_subset(split: EvalSplit, n_support: int, n_scored: int) -> Tuple[Lis
 def run_eval(model: LoadedModel, split: EvalSplit, settings: EvalSettings) -> Tuple[float, EvalResult]:
     """(wall seconds, ReSeND result) of one evaluate_split call with the default `resend` scorer."""
     start = time.perf_counter()
-    (result,) = evaluate_split(model.backbone, model.relational, model.objective, split, settings, CPU)
+    (result,) = evaluate_split(model.backbone, model.relational, split, settings, CPU)
     return time.perf_counter() - start, result
 
 
@@ -254,7 +254,7 @@ def pipeline_section(model: LoadedModel, split: EvalSplit, args: argparse.Namesp
     results = {}
     for amp in args.amps:
         settings = EvalSettings(image_size=args.image_size, batch_size=args.batch_size,
-                                num_workers=args.num_workers, amp=amp, compression=args.sigmoid_compression)
+                                num_workers=args.num_workers, amp=amp)
         run_eval(model, split, settings)  # warm-up: oneDNN primitives, worker start-up paths
         runs = [run_eval(model, split, settings) for _ in range(args.repeats)]
         wall, result = min(runs, key=lambda run: run[0])
@@ -277,7 +277,7 @@ def pipeline_section(model: LoadedModel, split: EvalSplit, args: argparse.Namesp
                        args.num_workers)  # warm-up
     for batch_prototypes in (False, True):
         loop = authors_style_eval(model, sub_support, sub_scored, split.known_classes, args.image_size,
-                                  args.num_workers, batch_prototypes, args.sigmoid_compression)
+                                  args.num_workers, batch_prototypes)
         ms_support = 1000 * loop["support_s"] / len(sub_support)
         ms_scored = 1000 * loop["scored_s"] / len(sub_scored)
         loop_total = (n_support * ms_support + n_scored * ms_scored) / 1000
@@ -330,7 +330,7 @@ def agreement_section(model: LoadedModel, split: EvalSplit, args: argparse.Names
     results = {}
     for amp in ("none", "bf16"):
         settings = EvalSettings(image_size=size, batch_size=args.batch_size, num_workers=args.num_workers,
-                                amp=amp, compression=args.sigmoid_compression)
+                                amp=amp)
         wall, results[amp] = run_eval(model, split, settings)
         print(f"amp {amp:<5} auroc {results[amp].metrics['auroc']:.4f}  fpr95 {results[amp].metrics['fpr95']:.4f}"
               f"  closed-set acc {results[amp].metrics['closed_set_acc']:.4f}  ({wall:.1f} s)", flush=True)
@@ -362,7 +362,7 @@ def profile_eval(model: LoadedModel, split: EvalSplit, args: argparse.Namespace,
     from torch.profiler import ProfilerActivity, profile
 
     settings = EvalSettings(image_size=args.image_size, batch_size=args.batch_size,
-                            num_workers=args.num_workers, amp=amp, compression=args.sigmoid_compression)
+                            num_workers=args.num_workers, amp=amp)
     run_eval(model, split, settings)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run_eval(model, split, settings)
@@ -409,8 +409,6 @@ def parse_args() -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: random weights)")
-    parser.add_argument("--sigmoid_compression", type=float, default=10.0,
-                        help="c of the scores (as train.py; the demo trains with 1)")
     parser.add_argument("--depth", type=int, default=4, help="relational depth of the random checkpoint")
     parser.add_argument("--classes", type=int, nargs="+", default=sorted(SUPPORT_PER_CLASS),
                         help="known classes of each generated Folder split")

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evaluation.baselines  # noqa: E402,F401  (registers the baseline scorers)
-from evaluation.evaluate import default_pair_chunk, relational_similarity  # noqa: E402
+from evaluation.evaluate import default_pair_chunk, relational_pair_logits  # noqa: E402
 from evaluation.metrics import auroc  # noqa: E402
 from evaluation.scorers import build_scorer  # noqa: E402
 from models.relational import RelationalTransformer  # noqa: E402
@@ -88,8 +88,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     relational = RelationalTransformer(feat_dim=args.dim, depth=4)
-    similarity = relational_similarity(relational, relational.objective, 10.0, 2.0, torch.device("cpu"), "none")
-    context = {"similarity": similarity, "k": args.nnk, "chunk_size": default_pair_chunk(torch.device("cpu"))}
+    pair_logits = relational_pair_logits(relational, torch.device("cpu"), "none")
+    context = {"pair_logits": pair_logits, "k": args.nnk, "chunk_size": default_pair_chunk(torch.device("cpu"))}
     names = BASELINES if args.no_resend else BASELINES + ("resend",)
 
     print(f"torch threads {torch.get_num_threads()}, feature dim {args.dim}, CPU")

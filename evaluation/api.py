@@ -12,7 +12,7 @@ from PIL import Image
 
 from datasets.image_lists import load_image
 from datasets.transforms import eval_transform
-from evaluation.evaluate import default_pair_chunk, relational_similarity  # also registers the baselines
+from evaluation.evaluate import default_pair_chunk, relational_pair_logits  # also registers the baselines
 from evaluation.scorers import ScoreResult, Scorer, build_scorer
 from models.backbone import fold_batchnorm
 from models.checkpoint import LoadedModel, load_model_folder
@@ -25,8 +25,7 @@ class NoveltyDetector:
     """ReSeND as a library: features of images, prototypes of known classes, normality scores."""
 
     def __init__(self, model: LoadedModel, device: Union[str, torch.device] = "cpu", amp: str = "none",
-                 image_size: int = 224, scorer: str = "resend", nnk: int = 1,
-                 compression: float = 10.0, expansion: float = 2.0, batch_size: int = 64) -> None:
+                 image_size: int = 224, scorer: str = "resend", nnk: int = 1, batch_size: int = 64) -> None:
         self.model = model
         self.device = torch.device(device)
         self.amp = amp
@@ -36,9 +35,8 @@ class NoveltyDetector:
         model.relational.to(self.device).eval()
         # Features come from a BatchNorm-folded copy (same function, faster); `model` stays as loaded.
         self._backbone = fold_batchnorm(model.backbone)
-        similarity = relational_similarity(model.relational, model.objective, compression, expansion,
-                                           self.device, amp)
-        self.scorer: Scorer = build_scorer(scorer, similarity=similarity, k=nnk,
+        pair_logits = relational_pair_logits(model.relational, self.device, amp)
+        self.scorer: Scorer = build_scorer(scorer, pair_logits=pair_logits, k=nnk,
                                            chunk_size=default_pair_chunk(self.device))
         self._fitted = False
 

@@ -24,7 +24,6 @@ from evaluation.jigsaw import JigsawTransform
 from evaluation.metrics import compute_metrics
 from evaluation.scorers import SCORERS, ScoreResult, build_scorer, few_shot_indices
 from models.backbone import ResNetBackbone, fold_batchnorm
-from models.objective import same_class_score
 from utils.atomic_files import atomic_write_text
 from utils.distributed import gather_by_index, get_world_size, is_main_process
 from utils.precision import autocast
@@ -57,8 +56,6 @@ class EvalSettings:
     few_shot: Optional[int] = None
     seed: int = 0
     nnk: int = 1
-    compression: float = 10.0
-    expansion: float = 2.0
     pair_chunk: Optional[int] = None  # None: default_pair_chunk(device)
 
     def scorer_kwargs(self, device: torch.device) -> Dict[str, Any]:
@@ -84,19 +81,18 @@ class EvalResult:
     seconds: Dict[str, float] = field(default_factory=dict)
 
 
-def relational_similarity(relational: torch.nn.Module, objective: str, compression: float,
-                          expansion: float, device: torch.device,
-                          amp: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The pair similarity used by the ReSeND scorers: higher means 'same class'."""
+def relational_pair_logits(relational: torch.nn.Module, device: torch.device,
+                           amp: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The relational module's raw head output [B, n_outputs] (float32) for feature pairs, in eval mode."""
     relational.eval()
 
     @torch.inference_mode()
-    def similarity(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+    def pair_logits(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
             logits = relational(feat_a, feat_b)
-        return same_class_score(logits.float(), objective, compression, expansion)
+        return logits.float()
 
-    return similarity
+    return pair_logits
 
 
 def select_support(split: EvalSplit, few_shot: Optional[int], seed: int) -> List:
@@ -130,7 +126,7 @@ def scorer_uses_block_norms(name: str) -> bool:
     return bool(getattr(SCORERS[name], "uses_block_norms", False))
 
 
-def evaluate_split(backbone: ResNetBackbone, relational: Optional[torch.nn.Module], objective: str,
+def evaluate_split(backbone: ResNetBackbone, relational: Optional[torch.nn.Module],
                    split: EvalSplit, settings: EvalSettings, device: torch.device) -> List[EvalResult]:
     """Score one split with every scorer of `settings.scorers` on features computed once.
 
@@ -164,15 +160,12 @@ def evaluate_split(backbone: ResNetBackbone, relational: Optional[torch.nn.Modul
     target_set = extract(split.scored, desc=f"{split.target} targets")
     seconds["target_features"] = time.perf_counter() - start
 
-    similarity = None
-    if relational is not None:
-        similarity = relational_similarity(relational, objective, settings.compression,
-                                           settings.expansion, device, settings.amp)
+    pair_logits = None if relational is None else relational_pair_logits(relational, device, settings.amp)
     labels = np.array([label for _, label in split.scored])
     results = []
     for name in settings.scorers:
         start = time.perf_counter()
-        scorer = build_scorer(name, similarity=similarity, **settings.scorer_kwargs(device))
+        scorer = build_scorer(name, pair_logits=pair_logits, **settings.scorer_kwargs(device))
         if scorer_uses_block_norms(name):
             scorer.fit(support_set.feats, support_set.labels, block_norms=support_set.block_norms,
                        jigsaw_block_norms=jigsaw_set.block_norms)

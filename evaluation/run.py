@@ -1,6 +1,5 @@
 """`train.py --only_eval` and the periodic evaluation: splits -> evaluate_split -> files and table."""
 import argparse
-import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -51,8 +50,7 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
         raise ValueError(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
     return EvalSettings(scorers=scorer_names(args), image_size=args.image_size,
                         batch_size=args.eval_batch_size, num_workers=args.num_workers, amp=args.amp,
-                        few_shot=args.few_shot, seed=args.seed, nnk=args.NNK,
-                        compression=args.sigmoid_compression, expansion=args.sigmoid_expansion)
+                        few_shot=args.few_shot, seed=args.seed, nnk=args.NNK)
 
 
 def load_splits(args: argparse.Namespace, dataset: str, target: Optional[str]) -> List[EvalSplit]:
@@ -72,16 +70,15 @@ def settings_record(args: argparse.Namespace, settings: EvalSettings, checkpoint
     return {"checkpoint": os.path.abspath(checkpoint), "iteration": iteration, "network": network,
             "objective": objective, "scorers": list(settings.scorers), "image_size": settings.image_size,
             "amp": settings.amp, "few_shot": settings.few_shot, "seed": settings.seed,
-            "NNK": settings.nnk, "sigmoid_compression": settings.compression,
-            "sigmoid_expansion": settings.expansion, "data_root": os.path.abspath(args.data_root),
+            "NNK": settings.nnk, "data_root": os.path.abspath(args.data_root),
             "path_to_txt": args.path_to_txt}
 
 
-def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relational: torch.nn.Module,
-                    objective: str, settings: EvalSettings, device: torch.device) -> List[EvalResult]:
+def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relational: Optional[torch.nn.Module],
+                    settings: EvalSettings, device: torch.device) -> List[EvalResult]:
     """Evaluate every split (sharded over processes); the results exist on rank 0 only."""
     return [result for split in splits
-            for result in evaluate_split(backbone, relational, objective, split, settings, device)]
+            for result in evaluate_split(backbone, relational, split, settings, device)]
 
 
 def write_results(results: List[EvalResult], out_folder: str, record: Dict[str, Any],
@@ -96,32 +93,6 @@ def write_results(results: List[EvalResult], out_folder: str, record: Dict[str, 
             log_to_tensorboard(tb_writer, result, step)
     if len(results) > 1:
         summary_files(results, eval_dir)
-
-
-OUTPUT_MAPPING_FLAGS = ("sigmoid_compression", "sigmoid_expansion")
-
-
-def warn_on_output_mapping_mismatch(folder: str, args: argparse.Namespace) -> None:
-    """Warn when the run that wrote `folder` trained with other sigmoid settings than these scores use.
-
-    The authors' checkpoint files do not record c and e, but they are part of the model's output
-    (e*sigmoid(c*x) - e/2), so scoring with other values silently changes every normality score.
-    Only run folders of this project have the `args.json` to check against.
-    """
-    args_path = os.path.join(folder, "args.json")
-    if not os.path.isfile(args_path) or not is_main_process():
-        return
-    try:
-        with open(args_path, encoding="utf-8") as handle:
-            trained = json.load(handle)
-    except (OSError, ValueError) as error:
-        print(f"warning: cannot read {args_path} to check the sigmoid settings: {error}", flush=True)
-        return
-    for flag in OUTPUT_MAPPING_FLAGS:
-        if flag in trained and float(trained[flag]) != float(getattr(args, flag)):
-            print(f"warning: {folder} was trained with --{flag} {trained[flag]} but is scored with "
-                  f"--{flag} {getattr(args, flag)}; pass --{flag} {trained[flag]} to score it as trained",
-                  flush=True)
 
 
 def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
@@ -140,12 +111,11 @@ def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
         model = load_model_folder(folder, n_heads=args.transf_n_heads, device=args.device)
         backbone, relational, objective = model.backbone, model.relational, model.objective
         network, iteration = model.network, model.iteration
-        warn_on_output_mapping_mismatch(folder, args)
     splits = load_splits(args, args.dataset, args.target)
     record = settings_record(args, settings, folder, network, objective, iteration)
     if args.backbone_only:
         record["backbone_weights"] = args.backbone_weights
-    results = evaluate_splits(splits, backbone, relational, objective, settings, args.device)
+    results = evaluate_splits(splits, backbone, relational, settings, args.device)
     # Files are written only once every split has been scored: a failure leaves no partial output.
     tb_writer = TensorBoardWriter(os.path.join(folder, "tensorboard"), enabled=is_main_process())
     try:

@@ -12,6 +12,9 @@ from torch import Tensor
 PairSimilarity = Callable[[Tensor, Tensor], Tensor]
 """(feat_a [B, D], feat_b [B, D]) -> [B] similarity; higher means more likely the same class."""
 
+PairLogits = Callable[[Tensor, Tensor], Tensor]
+"""(feat_a [B, D], feat_b [B, D]) -> raw relational head output [B, 1] (L2 head) or [B, 2] (CE head)."""
+
 DEFAULT_CHUNK_SIZE = 65536
 
 
@@ -132,6 +135,21 @@ def pairwise_similarity(
     return out.view(n_targets, n_refs)
 
 
+def resend_similarity(logits: Tensor) -> Tensor:
+    """The authors' per-pair score [B] from raw head outputs: -logit (L2 head), same-class logit (CE head).
+
+    The L2 training loss squashes the logit through e*sigmoid(c*x) - e/2, but the authors score
+    pairs with the raw logit (their evaluation negates the head output and nothing else). The
+    squashing is monotone, so it keeps each image's predicted class, but a softmax over classes
+    of squashed values ranks images differently: AUROC and FPR95 would not be the paper's. So no
+    sigmoid here, and c and e play no part in any score.
+    """
+    if logits.ndim != 2 or logits.shape[1] not in (1, 2):
+        raise ValueError("relational logits must be [B, 1] (L2 head) or [B, 2] (CE head); "
+                         f"got shape {tuple(logits.shape)}")
+    return -logits[:, 0] if logits.shape[1] == 1 else logits[:, 0]
+
+
 def class_means(feats: Tensor, labels: Tensor, n_classes: int) -> Tensor:
     """[C, D] mean feature per class; every class must have at least one sample."""
     counts = torch.bincount(labels, minlength=n_classes)
@@ -143,29 +161,45 @@ def class_means(feats: Tensor, labels: Tensor, n_classes: int) -> Tensor:
     return sums / counts.unsqueeze(1).to(feats.dtype)
 
 
-def farthest_point_indices(feats: Tensor, k: int) -> Tensor:
-    """Indices of min(k, n) rows: the one nearest the mean, then greedy farthest-point picks (Euclidean)."""
+def farthest_point_indices(feats: Tensor, k: int, half_precision: bool = True) -> Tensor:
+    """Indices of min(k, n) rows: the one nearest the mean, then greedy farthest-point picks (Euclidean).
+
+    Follows the authors' selection step by step: the row nearest the mean (float32) is swapped to
+    the front, the distances of the greedy steps are computed in float16 (`half_precision`), and
+    argmax ties go to the first row in that swapped order. float16 distances tie often (about three
+    significant digits), so these details decide which prototypes are picked.
+    """
     n = feats.shape[0]
     k = min(k, n)
     first = int(torch.argmin(torch.linalg.vector_norm(feats - feats.mean(dim=0), dim=1)))
-    chosen = [first]
-    min_dist = torch.linalg.vector_norm(feats - feats[first], dim=1)
-    min_dist[first] = -float("inf")
+    order = torch.arange(n, device=feats.device)
+    order[0], order[first] = first, 0
+    swapped = feats[order]
+    min_dist = torch.linalg.vector_norm(swapped - swapped[:1], dim=1)
+    if half_precision:
+        swapped, min_dist = swapped.half(), min_dist.half()
+    chosen = [0]
+    # Chosen rows get -inf (the authors: 0) so that, when only duplicates remain, a fresh row is
+    # picked rather than a repeat; the picked features are the same either way.
+    min_dist[0] = -float("inf")
     for _ in range(k - 1):
-        # Chosen rows get -inf so that, when only duplicates (distance 0) remain, a fresh row is
-        # picked rather than a repeat.
+        distance = torch.linalg.vector_norm(swapped - swapped[chosen[-1]:chosen[-1] + 1], dim=1)
+        min_dist = torch.minimum(min_dist, distance)
         nxt = int(torch.argmax(min_dist))
         chosen.append(nxt)
-        min_dist = torch.minimum(min_dist, torch.linalg.vector_norm(feats - feats[nxt], dim=1))
-        min_dist[chosen] = -float("inf")
-    return torch.tensor(chosen, dtype=torch.long, device=feats.device)
+        min_dist[nxt] = -float("inf")
+    return order[torch.tensor(chosen, dtype=torch.long, device=feats.device)]
 
 
 class RelationalScorer(Scorer):
-    """Base of the ReSeND scorers: a pair similarity against a fitted reference set (`self.references`)."""
+    """Base of the ReSeND scorers: relational scores of each target against a fitted reference set.
 
-    def __init__(self, similarity: PairSimilarity, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        self.similarity = similarity
+    `pair_logits` gives the relational module's raw head output for (target, reference) pairs;
+    `resend_similarity` turns it into the authors' per-pair score.
+    """
+
+    def __init__(self, pair_logits: PairLogits, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.pair_logits = pair_logits
         self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
         self.references: Tensor | None = None
 
@@ -179,12 +213,16 @@ class RelationalScorer(Scorer):
         if self.references is None:
             raise RuntimeError(f"{type(self).__name__}.score called before fit")
         _check_targets(target_feats, self.references, "fitted references")
-        return pairwise_similarity(self.similarity, target_feats, self.references, self.chunk_size)
+        return pairwise_similarity(self._pair_similarity, target_feats, self.references, self.chunk_size)
+
+    def _pair_similarity(self, feat_a: Tensor, feat_b: Tensor) -> Tensor:
+        """[B] authors' score of the pairs (feat_a[i], feat_b[i])."""
+        return resend_similarity(self.pair_logits(feat_a, feat_b))
 
 
 @register_scorer("resend")
 class RelationalPrototypeScorer(RelationalScorer):
-    """ReSeND: relational similarity of each target to every class-mean prototype, softmax over classes."""
+    """ReSeND: the authors' score of each target against every class-mean prototype, softmax over classes."""
 
     def fit(self, support_feats: Tensor, support_labels: Tensor) -> None:
         """References = mean support feature of each class 0..C-1 (the prototypes)."""
@@ -194,18 +232,18 @@ class RelationalPrototypeScorer(RelationalScorer):
 
     @torch.no_grad()
     def score(self, target_feats: Tensor) -> ScoreResult:
-        """Normality = max softmax probability over the per-prototype similarities."""
+        """Normality = max over classes of the softmax of the per-prototype scores; pred = its argmax."""
         sim = self._similarities(target_feats)
         normality, pred = torch.softmax(sim, dim=1).max(dim=1)
-        return ScoreResult(normality=normality, pred=pred, extra={"max_similarity": sim.max(dim=1).values})
+        return ScoreResult(normality=normality, pred=pred, extra={"max_logit": sim.max(dim=1).values})
 
 
 @register_scorer("resend_msp")
 class MostSignificantPrototypesScorer(RelationalScorer):
     """Up to k farthest-point support samples per class as prototypes; class score = best of them."""
 
-    def __init__(self, similarity: PairSimilarity, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        super().__init__(similarity, chunk_size)
+    def __init__(self, pair_logits: PairLogits, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        super().__init__(pair_logits, chunk_size)
         self.k = _check_positive_int(k, "k")
         self.prototype_labels: Tensor | None = None
         self.prototype_indices: Tensor | None = None
@@ -228,22 +266,27 @@ class MostSignificantPrototypesScorer(RelationalScorer):
 
     @torch.no_grad()
     def score(self, target_feats: Tensor) -> ScoreResult:
-        """Normality = max softmax over per-class best similarities; extra max_logit = the best similarity."""
+        """Normality = max over classes of each class's best score (the authors' reported max logit).
+
+        pred = that class; extra `max_softmax` = max of the softmax over the per-class scores (the
+        authors print it second, as "MSP").
+        """
         sim = self._similarities(target_feats)
         index = self.prototype_labels.unsqueeze(0).expand(sim.shape[0], -1)
         class_scores = torch.full(
             (sim.shape[0], self.n_classes), -float("inf"), dtype=sim.dtype, device=sim.device
         ).scatter_reduce(1, index, sim, reduce="amax")
-        normality, pred = torch.softmax(class_scores, dim=1).max(dim=1)
-        return ScoreResult(normality=normality, pred=pred, extra={"max_logit": class_scores.max(dim=1).values})
+        normality, pred = class_scores.max(dim=1)
+        max_softmax = torch.softmax(class_scores, dim=1).max(dim=1).values
+        return ScoreResult(normality=normality, pred=pred, extra={"max_softmax": max_softmax})
 
 
 @register_scorer("resend_knn")
 class KnnRelationalScorer(RelationalScorer):
-    """Relational similarity to every support sample; normality = mean of the k largest."""
+    """The authors' score against every support sample; normality = mean of the k largest."""
 
-    def __init__(self, similarity: PairSimilarity, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        super().__init__(similarity, chunk_size)
+    def __init__(self, pair_logits: PairLogits, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        super().__init__(pair_logits, chunk_size)
         self.k = _check_positive_int(k, "k")
         self.support_labels: Tensor | None = None
 
@@ -257,12 +300,15 @@ class KnnRelationalScorer(RelationalScorer):
 
     @torch.no_grad()
     def score(self, target_feats: Tensor) -> ScoreResult:
-        """Normality = mean of the top-k similarities; pred = label of the most similar support sample."""
+        """Normality = mean of the top-k scores; pred = label of the best-scoring support sample.
+
+        The authors' code reports no class for this variant; the nearest sample's label is ours.
+        """
         sim = self._similarities(target_feats)
         top = torch.topk(sim, self.k, dim=1).values
         # argmax (first of tied maxima) keeps the prediction deterministic, unlike topk's order.
         pred = self.support_labels[sim.argmax(dim=1)]
-        return ScoreResult(normality=top.mean(dim=1), pred=pred, extra={"max_similarity": top[:, 0]})
+        return ScoreResult(normality=top.mean(dim=1), pred=pred, extra={"max_logit": top[:, 0]})
 
 
 def few_shot_indices(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""The L2 and CE relation objectives: loss, binary prediction and same-class score from relational logits."""
+"""The L2 and CE relation objectives of training: loss and binary prediction from relational logits.
+
+Scoring at evaluation time does not go through here: the ReSeND scorers use the raw logits
+(`evaluation.scorers.resend_similarity`).
+"""
 from __future__ import annotations
 
 import torch
@@ -48,12 +52,3 @@ def predict_different(logits: Tensor, objective: str, compression: float = 10.,
     if objective == "L2":
         return l2_output(logits, compression, expansion) > 0
     return _ce_logits(logits).argmax(dim=1) == 1
-
-
-def same_class_score(logits: Tensor, objective: str, compression: float = 10.,
-                     expansion: float = 2.) -> Tensor:
-    """Score per pair, higher = more likely the same class: -L2 output, or the CE same-class logit."""
-    _check_objective(objective)
-    if objective == "L2":
-        return -l2_output(logits, compression, expansion)
-    return _ce_logits(logits)[:, 0]

@@ -5,43 +5,40 @@ import torch
 from torch import nn
 
 from evaluation.api import NoveltyDetector
-from models.backbone import ResNetBackbone
-from models.checkpoint import save_model_folder
-from models.relational import RelationalTransformer
-from tests.naive_resend import naive_resend_scores
+from models.checkpoint import load_model_folder
+from tests.authors_reference import reference_features, reference_resend
+from tests.conftest import save_informative_checkpoint
 
 IMAGE_SIZE = 32
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
-    """A random checkpoint folder whose BatchNorms have non-trivial statistics (folding must matter)."""
-    torch.manual_seed(0)
-    backbone = ResNetBackbone("resnet18", weights=None)
-    for module in backbone.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.3, 0.3)
-            module.running_var.uniform_(0.5, 1.5)
-    save_model_folder(str(tmp_path / "ckpt"), backbone, RelationalTransformer(depth=2), iteration=3)
-    return tmp_path / "ckpt"
-
-
-@pytest.fixture
 def images(image_tree, tmp_path):
-    """(support paths, support labels, query paths): two known classes, queries from them and a novel one."""
-    root = image_tree({"a": 3, "b": 3, "novel": 2}, root=tmp_path / "img", size=20)
-    support = [str(root / c / f"img_{i:03d}.jpg") for c in ("a", "b") for i in range(2)]
-    queries = [str(root / c / f"img_{i:03d}.jpg") for c, i in (("a", 2), ("b", 2), ("novel", 0), ("novel", 1))]
-    return support, [0, 0, 1, 1], queries
+    """(support paths, support labels, query paths): three known classes, queries from them and a novel one."""
+    root = image_tree({"a": 4, "b": 4, "c": 4, "novel": 3}, root=tmp_path / "img", size=20)
+    support = [str(root / c / f"img_{i:03d}.jpg") for c in ("a", "b", "c") for i in range(2)]
+    queries = [str(root / c / f"img_{i:03d}.jpg") for c in ("a", "b", "c") for i in (2, 3)]
+    queries += [str(root / "novel" / f"img_{i:03d}.jpg") for i in range(3)]
+    return support, [0, 0, 1, 1, 2, 2], queries
 
 
-def test_detector_matches_naive_algorithm(checkpoint, images):
+@pytest.fixture(params=[1, 2], ids=["L2_head", "CE_head"])
+def checkpoint(request, images, tmp_path):
+    """A checkpoint whose head is refitted on the support pairs, so scores and predictions vary."""
+    support, labels, _ = images
+    return save_informative_checkpoint(tmp_path / "ckpt", list(zip(support, labels)), IMAGE_SIZE,
+                                       n_outputs=request.param)
+
+
+def test_detector_gives_the_authors_scores(checkpoint, images):
     support, labels, queries = images
     detector = NoveltyDetector.from_folder(str(checkpoint), image_size=IMAGE_SIZE, batch_size=3)
     result = detector.fit(support, labels).score(queries)
-    normality, preds = naive_resend_scores(detector.model.backbone, detector.model.relational,
-                                           list(zip(support, labels)), queries, 2, IMAGE_SIZE)
-    np.testing.assert_allclose(result.normality.numpy(), normality, atol=1e-5)
+    model = load_model_folder(str(checkpoint))
+    normality, preds = reference_resend(model.relational, reference_features(model.backbone, support, IMAGE_SIZE),
+                                        labels, reference_features(model.backbone, queries, IMAGE_SIZE), 3)
+    assert np.ptp(normality) > 0.1 and len(set(preds.tolist())) >= 2
+    np.testing.assert_allclose(result.normality.numpy(), normality, rtol=0, atol=1e-4 * np.abs(normality).max())
     assert np.array_equal(result.pred.numpy(), preds)
     # The loaded model is left as loaded (its BatchNorms are not folded away).
     assert any(isinstance(m, nn.BatchNorm2d) for m in detector.model.backbone.modules())
@@ -52,6 +49,7 @@ def test_detector_accepts_features(checkpoint, images):
     detector = NoveltyDetector.from_folder(str(checkpoint), image_size=IMAGE_SIZE)
     from_images = detector.fit(support, labels).score(queries)
     from_feats = detector.fit(detector.features(support), labels).score(detector.features(queries))
+    assert np.ptp(from_images.normality.numpy()) > 0.1
     assert torch.allclose(from_images.normality, from_feats.normality, atol=1e-6)
 
 
@@ -60,9 +58,9 @@ def test_detector_bad_use(checkpoint, images):
     detector = NoveltyDetector.from_folder(str(checkpoint), image_size=IMAGE_SIZE)
     with pytest.raises(RuntimeError, match="fit"):
         detector.score(queries)
-    with pytest.raises(ValueError, match="4 support samples but 3 labels"):
+    with pytest.raises(ValueError, match="6 support samples but 3 labels"):
         detector.fit(support, labels[:3])
     with pytest.raises(ValueError, match=r"\[N, 512\]"):
-        detector.fit(torch.zeros(4, 16), labels)
+        detector.fit(torch.zeros(6, 16), labels)
     with pytest.raises(ValueError, match="no images"):
         detector.features([])

@@ -52,7 +52,7 @@ def synthetic_block_norms(is_known, n_blocks=5, good_block=3, seed=1):
 
 def fit_and_score(name, support, support_labels, targets, is_known):
     """Build `name`, fit, score; feeds synthetic block norms to block-norm scorers."""
-    scorer = build_scorer(name, similarity=None, k=3, chunk_size=100)
+    scorer = build_scorer(name, pair_logits=None, k=3, chunk_size=100)
     if getattr(scorer, "uses_block_norms", False):
         support_norms = synthetic_block_norms(np.ones(len(support), bool))
         jigsaw_norms = synthetic_block_norms(np.zeros(len(support), bool), seed=2)
@@ -203,10 +203,10 @@ def test_linear_probe_is_deterministic():
 def test_registry_builds_every_baseline():
     for name in BASELINES:
         assert name in SCORERS
-        scorer = build_scorer(name, similarity=None, k=1, chunk_size=100)
+        scorer = build_scorer(name, pair_logits=None, k=1, chunk_size=100)
         assert scorer.name == name
         assert getattr(scorer, "uses_block_norms", False) == (name == "featurenorm")
-    assert build_scorer("knn", similarity=None, k=4, chunk_size=100).k == 4
+    assert build_scorer("knn", pair_logits=None, k=4, chunk_size=100).k == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

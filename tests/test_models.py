@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from models.backbone import NETWORKS, ResNetBackbone, fold_batchnorm
-from models.objective import OBJECTIVES, l2_output, predict_different, relation_loss, same_class_score
+from models.objective import OBJECTIVES, l2_output, predict_different, relation_loss
 from models.relational import RelationalTransformer
 
 SMALL = dict(embed_dim=32, depth=2, n_heads=4)
@@ -303,19 +303,17 @@ def test_ce_loss_hand_computed():
         relation_loss(torch.zeros(2, 1), relation, "CE")
 
 
-def test_predictions_and_scores():
+def test_predictions():
     l2_logits = torch.tensor([[0.3], [-0.2], [0.0]])
     assert predict_different(l2_logits, "L2").tolist() == [True, False, False]
-    assert torch.allclose(same_class_score(l2_logits, "L2"), -l2_output(l2_logits))
-    assert same_class_score(l2_logits, "L2").argmax().item() == 1
+    # c and e scale the output but cannot move its sign: the prediction is the logit's sign.
+    assert predict_different(l2_logits, "L2", 1.0, 4.0).tolist() == [True, False, False]
     ce_logits = torch.tensor([[0.5, 1.5], [3.0, -1.0]])
     assert predict_different(ce_logits, "CE").tolist() == [True, False]
-    assert same_class_score(ce_logits, "CE").tolist() == [0.5, 3.0]
 
 
 def test_unknown_objective():
-    for fn in (predict_different, same_class_score):
-        with pytest.raises(ValueError, match="'BCE'"):
-            fn(torch.zeros(2, 1), "BCE")
+    with pytest.raises(ValueError, match="'BCE'"):
+        predict_different(torch.zeros(2, 1), "BCE")
     with pytest.raises(ValueError, match="'BCE'"):
         relation_loss(torch.zeros(2, 1), torch.tensor([0, 1]), "BCE")

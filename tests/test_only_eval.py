@@ -8,11 +8,10 @@ import torch
 
 import train
 from datasets.benchmarks import get_eval_split
-from evaluation.metrics import compute_metrics
-from models.backbone import ResNetBackbone
-from models.checkpoint import CheckpointError, save_model_folder
-from models.relational import RelationalTransformer
-from tests.naive_resend import naive_resend_scores
+from models.checkpoint import CheckpointError, load_model_folder
+from tests.conftest import save_informative_checkpoint
+from tests.authors_reference import (reference_auroc, reference_features, reference_fpr95, reference_knn,
+                                     reference_most_significant, reference_resend)
 
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
@@ -25,15 +24,16 @@ def pacs_root(image_tree, tmp_path):
     return image_tree(layout, root=tmp_path / "data", size=20)
 
 
+def checkpoint_for(pacs_root, folder, n_outputs=1):
+    """A checkpoint (2 relational blocks) whose head is refitted on ArtPainting's support pairs."""
+    split = get_eval_split("PACS_DG", "ArtPainting", str(pacs_root))
+    return save_informative_checkpoint(folder, split.support, 32, n_outputs=n_outputs)
+
+
 @pytest.fixture
-def random_checkpoint(tmp_path):
-    """A checkpoint folder with random weights (2 relational blocks to stay quick)."""
-    torch.manual_seed(0)
-    folder = tmp_path / "ckpt"
-    backbone = ResNetBackbone("resnet18", weights=None)
-    relational = RelationalTransformer(feat_dim=512, n_outputs=1, depth=2)
-    save_model_folder(str(folder), backbone, relational, iteration=7)
-    return folder
+def random_checkpoint(pacs_root, tmp_path):
+    """An L2-head checkpoint whose scores vary on this tree (see tests/conftest.py)."""
+    return checkpoint_for(pacs_root, tmp_path / "ckpt")
 
 
 def run(argv):
@@ -49,7 +49,7 @@ def eval_argv(root, ckpt, *extra):
             "--device", "cpu", "--eval_batch_size", "5", *extra]
 
 
-def test_only_eval_writes_json_csv_tensorboard_and_matches_naive_algorithm(pacs_root, random_checkpoint, capsys):
+def test_only_eval_writes_json_csv_and_tensorboard(pacs_root, random_checkpoint, capsys):
     run(eval_argv(pacs_root, random_checkpoint, "--target", "ArtPainting"))
     out = capsys.readouterr().out
     assert "ArtPainting" in out and "auroc" in out
@@ -62,19 +62,70 @@ def test_only_eval_writes_json_csv_tensorboard_and_matches_naive_algorithm(pacs_
     assert rows[0] == "path,label,known,normality,pred" and len(rows) == 1 + 21
     assert any(name.startswith("events") for name in os.listdir(random_checkpoint / "tensorboard"))
 
-    # The batched, chunked pipeline gives the numbers of the naive per-image loop.
-    from models.checkpoint import load_model_folder
-    model = load_model_folder(str(random_checkpoint))
-    model.backbone.eval(), model.relational.eval()
+
+VARIANT_FLAGS = {"resend": [], "resend_msp": ["--most_significant_prototypes", "--NNK", "2"],
+                 "resend_knn": ["--knn_distance_evaluator", "--NNK", "3"]}
+
+
+@pytest.mark.parametrize("n_outputs", [1, 2], ids=["L2_head", "CE_head"])
+@pytest.mark.parametrize("variant", list(VARIANT_FLAGS))
+def test_only_eval_gives_the_authors_scores(pacs_root, tmp_path, variant, n_outputs):
+    """Batched --only_eval against the authors' algorithm written one image at a time."""
+    ckpt = checkpoint_for(pacs_root, tmp_path / "ckpt", n_outputs)
+    run(eval_argv(pacs_root, ckpt, "--target", "ArtPainting", *VARIANT_FLAGS[variant]))
+    stem = "PACS_DG_ArtPainting" + ("" if variant == "resend" else f"_{variant}")
+    record = json.loads((ckpt / "eval" / f"{stem}.json").read_text())
+    rows = [line.split(",") for line in (ckpt / "eval" / f"{stem}_scores.csv").read_text().strip().splitlines()[1:]]
+    normality = np.array([float(row[3]) for row in rows])
+    preds = np.array([int(row[4]) for row in rows])
+
+    model = load_model_folder(str(ckpt))
     split = get_eval_split("PACS_DG", "ArtPainting", str(pacs_root))
-    scores, preds = naive_resend_scores(model.backbone, model.relational, split.support,
-                                        [path for path, _ in split.scored], split.known_classes, 32)
+    support = reference_features(model.backbone, [path for path, _ in split.support], 32)
+    scored = reference_features(model.backbone, [path for path, _ in split.scored], 32)
+    support_labels = [label for _, label in split.support]
     labels = np.array([label for _, label in split.scored])
-    expected = compute_metrics(scores, labels, preds, 6)
-    assert record["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
-    assert record["fpr95"] == pytest.approx(expected["fpr95"], abs=1e-6)
-    csv_scores = np.array([float(r.split(",")[3]) for r in rows[1:]])
-    np.testing.assert_allclose(csv_scores, scores, atol=1e-5)
+    extra = {}
+    if variant == "resend":
+        expected, expected_preds = reference_resend(model.relational, support, support_labels, scored, 6)
+    elif variant == "resend_msp":
+        msp = reference_most_significant(model.relational, support, support_labels, scored, 6, k=2)
+        expected, expected_preds = msp["max_logit"], msp["pred"]
+        extra["max_softmax"] = msp["max_softmax"]
+    else:
+        expected, expected_preds = reference_knn(model.relational, support, scored, k=3), None
+
+    # The fixture must make the comparison informative: scores spread (1000x the tolerance on
+    # them), several predicted classes.
+    assert np.ptp(expected) > 0.1, np.ptp(expected)
+    if expected_preds is not None:
+        assert len(set(expected_preds.tolist())) >= 2
+        assert np.array_equal(preds, expected_preds)
+    # Batching, channels_last and the folded BatchNorm change features by float rounding (~1e-6
+    # relative), which the refitted head carries into the logits at ~1e-5 of their scale.
+    np.testing.assert_allclose(normality, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert record["auroc"] == pytest.approx(reference_auroc(expected, labels, 6), abs=1e-6)
+    assert record["fpr95"] == pytest.approx(reference_fpr95(expected, labels, 6), abs=1e-6)
+    for key, values in extra.items():
+        assert record["extra_metrics"][key]["auroc"] == pytest.approx(reference_auroc(values, labels, 6), abs=1e-6)
+        assert record["extra_metrics"][key]["fpr95"] == pytest.approx(reference_fpr95(values, labels, 6), abs=1e-6)
+
+
+def test_scores_are_not_the_squashed_output(pacs_root, random_checkpoint):
+    """On this fixture the squashed e*sigmoid(c*x) - e/2 scoring gives another AUROC than the authors'."""
+    run(eval_argv(pacs_root, random_checkpoint, "--target", "ArtPainting"))
+    record = json.loads((random_checkpoint / "eval" / "PACS_DG_ArtPainting.json").read_text())
+    model = load_model_folder(str(random_checkpoint))
+    split = get_eval_split("PACS_DG", "ArtPainting", str(pacs_root))
+    support = reference_features(model.backbone, [path for path, _ in split.support], 32)
+    scored = reference_features(model.backbone, [path for path, _ in split.scored], 32)
+    labels = np.array([label for _, label in split.scored])
+    support_labels = torch.tensor([label for _, label in split.support])
+    prototypes = torch.stack([support[support_labels == c].mean(0) for c in range(6)])
+    with torch.no_grad():
+        squashed = [torch.softmax(-(2 * torch.sigmoid(10 * model.relational(t.expand(6, -1), prototypes)[:, 0]) - 1),
+                                  dim=0).max().item() for t in scored]
+    assert abs(reference_auroc(np.array(squashed), labels, 6) - record["auroc"]) > 0.05
 
 
 def test_target_all_prints_every_target_and_average(pacs_root, random_checkpoint, capsys):
@@ -89,31 +140,16 @@ def test_target_all_prints_every_target_and_average(pacs_root, random_checkpoint
     assert row["average"] == pytest.approx(np.mean([row[t] for t in ("ArtPainting", "Cartoon", "Photo", "Sketch")]))
 
 
-def test_variants_run(pacs_root, random_checkpoint):
+def test_variant_files_and_few_shot(pacs_root, random_checkpoint):
     run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo", "--most_significant_prototypes",
                   "--NNK", "2"))
     record = json.loads((random_checkpoint / "eval" / "PACS_DG_Photo_resend_msp.json").read_text())
-    assert "max_logit" in record["extra_metrics"]
+    assert set(record["extra_metrics"]) == {"max_softmax"}
     run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo", "--knn_distance_evaluator", "--NNK", "2"))
-    assert (random_checkpoint / "eval" / "PACS_DG_Photo_resend_knn.json").exists()
+    assert json.loads((random_checkpoint / "eval" / "PACS_DG_Photo_resend_knn.json").read_text())["settings"]["NNK"] == 2
     run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo", "--few_shot", "1", "--seed", "3"))
     record = json.loads((random_checkpoint / "eval" / "PACS_DG_Photo.json").read_text())
     assert record["n_support"] == 6 and record["settings"]["few_shot"] == 1
-
-
-def test_warns_when_scored_with_other_sigmoid_settings_than_trained(pacs_root, random_checkpoint, capsys):
-    # A run folder of this project records the training flags; c and e shape every score.
-    (random_checkpoint / "args.json").write_text(json.dumps({"sigmoid_compression": 1.0,
-                                                              "sigmoid_expansion": 2.0}))
-    run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo"))
-    out = capsys.readouterr().out
-    assert "trained with --sigmoid_compression 1.0 but is scored with --sigmoid_compression 10.0" in out
-    assert "sigmoid_expansion" not in out
-    run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo", "--sigmoid_compression", "1"))
-    assert "warning" not in capsys.readouterr().out
-    (random_checkpoint / "args.json").write_text("{not json")
-    run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo"))
-    assert f"cannot read {random_checkpoint / 'args.json'} to check the sigmoid settings" in capsys.readouterr().out
 
 
 def test_bad_inputs_fail_before_writing(tmp_path, pacs_root, random_checkpoint):

@@ -12,8 +12,10 @@ from evaluation.scorers import (
     Scorer,
     ScoreResult,
     build_scorer,
+    farthest_point_indices,
     few_shot_indices,
     register_scorer,
+    resend_similarity,
 )
 
 
@@ -27,8 +29,13 @@ def asymmetric(a, b):
     return -((a - b) ** 2).sum(dim=1) + 0.3 * a.sum(dim=1) - 0.1 * b[:, 0]
 
 
-class RecordingSimilarity:
-    """Wraps a similarity and records every (feat_a, feat_b) batch it receives."""
+def l2_head(similarity):
+    """Raw L2-head logits [B, 1] whose authors' score (-logit) is `similarity`."""
+    return lambda a, b: -similarity(a, b).unsqueeze(1)
+
+
+class RecordingLogits:
+    """L2-head logits of a similarity, recording every (feat_a, feat_b) batch it receives."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -36,7 +43,7 @@ class RecordingSimilarity:
 
     def __call__(self, a, b):
         self.calls.append((a.clone(), b.clone()))
-        return self.fn(a, b)
+        return -self.fn(a, b).unsqueeze(1)
 
 
 def gaussian_problem(seed=0, dim=8, n_support=20, n_known=30, n_unknown=30):
@@ -56,9 +63,9 @@ def gaussian_problem(seed=0, dim=8, n_support=20, n_known=30, n_unknown=30):
 @pytest.mark.parametrize(
     "scorer",
     [
-        lambda: RelationalPrototypeScorer(neg_euclidean),
-        lambda: MostSignificantPrototypesScorer(neg_euclidean, k=3),
-        lambda: KnnRelationalScorer(neg_euclidean, k=5),
+        lambda: RelationalPrototypeScorer(l2_head(neg_euclidean)),
+        lambda: MostSignificantPrototypesScorer(l2_head(neg_euclidean), k=3),
+        lambda: KnnRelationalScorer(l2_head(neg_euclidean), k=5),
     ],
     ids=["prototype", "msp", "knn"],
 )
@@ -80,7 +87,7 @@ def test_prototypes_are_class_means_and_target_goes_first():
     # Mark targets with a last coordinate of 1 and support with 0 to tell them apart in the calls.
     support[:, -1] = 0.0
     targets[:, -1] = 1.0
-    sim = RecordingSimilarity(asymmetric)
+    sim = RecordingLogits(asymmetric)
     scorer = RelationalPrototypeScorer(sim, chunk_size=5)
     scorer.fit(support, support_labels)
     means = torch.stack([support[support_labels == c].mean(dim=0) for c in range(3)])
@@ -100,7 +107,7 @@ def test_prototypes_are_class_means_and_target_goes_first():
     probs = torch.softmax(expected_sim, dim=1)
     assert torch.allclose(result.normality, probs.max(dim=1).values)
     assert torch.equal(result.pred, probs.argmax(dim=1))
-    assert torch.allclose(result.extra["max_similarity"], expected_sim.max(dim=1).values)
+    assert torch.allclose(result.extra["max_logit"], expected_sim.max(dim=1).values)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +123,7 @@ def test_small_chunks_give_identical_results(make):
     support, support_labels, targets, _ = gaussian_problem(n_support=6, n_known=3, n_unknown=4)
     results = []
     for chunk_size in (7, 100000):
-        sim = RecordingSimilarity(asymmetric)
+        sim = RecordingLogits(asymmetric)
         scorer = make(sim, chunk_size)
         scorer.fit(support, support_labels)
         results.append(scorer.score(targets))
@@ -135,27 +142,29 @@ def test_farthest_point_selection_on_1d_example():
     # Class 1 at 100, 101, 105 (mean 102), k larger than the class: 101, then 105, then 100.
     values = torch.tensor([1.0, 100.0, 0.0, 11.0, 105.0, 5.0, 7.5, 101.0]).unsqueeze(1)
     labels = torch.tensor([0, 1, 0, 0, 1, 0, 0, 1])
-    scorer = MostSignificantPrototypesScorer(lambda a, b: -torch.abs(a - b).squeeze(1), k=4)
+    scorer = MostSignificantPrototypesScorer(l2_head(lambda a, b: -torch.abs(a - b).squeeze(1)), k=4)
     scorer.fit(values, labels)
     assert scorer.prototype_indices.tolist() == [5, 3, 2, 6, 7, 4, 1]
     assert scorer.prototypes.squeeze(1).tolist() == [5.0, 11.0, 0.0, 7.5, 101.0, 105.0, 100.0]
     assert scorer.prototype_labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
-    whole = MostSignificantPrototypesScorer(neg_euclidean, k=10)
+    whole = MostSignificantPrototypesScorer(l2_head(neg_euclidean), k=10)
     whole.fit(values, labels)
     assert whole.prototype_indices.tolist() == [5, 3, 2, 6, 0, 7, 4, 1]
     # Target 7: class 0's best prototype is 7.5 (-0.5), class 1's is 100 (-93).
     # Target 103.5: class 0's best is 11 (-92.5), class 1's is 105 (-1.5).
+    # The authors report the max logit (max over classes of each class's best score) ...
     result = scorer.score(torch.tensor([[7.0], [103.5]]))
-    assert result.extra["max_logit"].tolist() == [-0.5, -1.5]
+    assert result.normality.tolist() == [-0.5, -1.5]
     assert result.pred.tolist() == [0, 1]
+    # ... and print the max softmax over those per-class scores second.
     expected = torch.softmax(torch.tensor([[-0.5, -93.0], [-92.5, -1.5]]), dim=1).max(dim=1).values
-    assert torch.allclose(result.normality, expected)
+    assert torch.allclose(result.extra["max_softmax"], expected)
 
 
 def test_knn_mean_of_top_k_on_hand_example():
     support = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
     labels = torch.tensor([0, 0, 0, 1, 1])
-    scorer = KnnRelationalScorer(lambda a, b: -torch.abs(a - b).squeeze(1), k=2)
+    scorer = KnnRelationalScorer(l2_head(lambda a, b: -torch.abs(a - b).squeeze(1)), k=2)
     scorer.fit(support, labels)
     result = scorer.score(torch.tensor([[1.25], [10.75], [6.5]]))
     # 1.25: nearest 1 (-0.25) and 2 (-0.75); 10.75: 11 (-0.25) and 10 (-0.75);
@@ -163,14 +172,14 @@ def test_knn_mean_of_top_k_on_hand_example():
     assert torch.allclose(result.normality, torch.tensor([-0.5, -0.5, -4.0]))
     assert result.pred.tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match="exceeds the support set size"):
-        KnnRelationalScorer(neg_euclidean, k=6).fit(support, labels)
+        KnnRelationalScorer(l2_head(neg_euclidean), k=6).fit(support, labels)
 
 
 def test_outputs_carry_no_gradient_and_stay_on_device():
     support, support_labels, targets, _ = gaussian_problem(n_support=3, n_known=2, n_unknown=2)
     support.requires_grad_(True)
     targets.requires_grad_(True)
-    scorer = RelationalPrototypeScorer(neg_euclidean)
+    scorer = RelationalPrototypeScorer(l2_head(neg_euclidean))
     scorer.fit(support, support_labels)
     result = scorer.score(targets)
     assert not result.normality.requires_grad
@@ -180,23 +189,27 @@ def test_outputs_carry_no_gradient_and_stay_on_device():
 def test_support_and_target_validation():
     feats = torch.randn(6, 4)
     with pytest.raises(ValueError, match=r"missing class\(es\) \[1\]"):
-        RelationalPrototypeScorer(neg_euclidean).fit(feats, torch.tensor([0, 0, 2, 2, 3, 3]))
+        RelationalPrototypeScorer(l2_head(neg_euclidean)).fit(feats, torch.tensor([0, 0, 2, 2, 3, 3]))
     with pytest.raises(ValueError, match="shape"):
-        RelationalPrototypeScorer(neg_euclidean).fit(feats, torch.tensor([0, 1, 2]))
+        RelationalPrototypeScorer(l2_head(neg_euclidean)).fit(feats, torch.tensor([0, 1, 2]))
     with pytest.raises(RuntimeError, match="before fit"):
-        RelationalPrototypeScorer(neg_euclidean).score(feats)
-    scorer = RelationalPrototypeScorer(neg_euclidean)
+        RelationalPrototypeScorer(l2_head(neg_euclidean)).score(feats)
+    scorer = RelationalPrototypeScorer(l2_head(neg_euclidean))
     scorer.fit(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
     with pytest.raises(ValueError, match=r"\[M, 4\]"):
         scorer.score(torch.randn(3, 5))
-    bad = RelationalPrototypeScorer(lambda a, b: neg_euclidean(a, b).unsqueeze(1))
-    bad.fit(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
-    with pytest.raises(ValueError, match="expected \\[B\\]"):
-        bad.score(feats)
-    with pytest.raises(ValueError, match="chunk_size"):
-        RelationalPrototypeScorer(neg_euclidean, chunk_size=0)
-    with pytest.raises(ValueError, match="k must be"):
-        MostSignificantPrototypesScorer(neg_euclidean, k=0)
+    three_outputs = RelationalPrototypeScorer(lambda a, b: neg_euclidean(a, b).unsqueeze(1).expand(-1, 3))
+    three_outputs.fit(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(ValueError, match=r"\[B, 1\] \(L2 head\) or \[B, 2\] \(CE head\); got shape \(18, 3\)"):
+        three_outputs.score(feats)
+    too_few_rows = RelationalPrototypeScorer(lambda a, b: l2_head(neg_euclidean)(a, b)[1:])
+    too_few_rows.fit(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(ValueError, match=r"shape \(17,\) for a batch of 18 pairs; expected \[B\]"):
+        too_few_rows.score(feats)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        RelationalPrototypeScorer(l2_head(neg_euclidean), chunk_size=0)
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
+        MostSignificantPrototypesScorer(l2_head(neg_euclidean), k=0)
 
 
 def test_few_shot_indices_counts_and_determinism():
@@ -217,14 +230,14 @@ def test_few_shot_indices_counts_and_determinism():
 def test_registry_and_build_scorer(monkeypatch):
     assert {"resend", "resend_msp", "resend_knn"} <= set(SCORERS)
     assert SCORERS["resend"] is RelationalPrototypeScorer
-    context = {"similarity": neg_euclidean, "k": 4, "chunk_size": 7, "unrelated": "ignored"}
+    context = {"pair_logits": l2_head(neg_euclidean), "k": 4, "chunk_size": 7, "unrelated": "ignored"}
     knn = build_scorer("resend_knn", **context)
     assert isinstance(knn, KnnRelationalScorer) and knn.k == 4 and knn.chunk_size == 7
     assert build_scorer("resend", **context).name == "resend"
     with pytest.raises(ValueError, match="resend_knn"):
         build_scorer("nope", **context)
     with pytest.raises(ValueError, match="'k'"):
-        build_scorer("resend_msp", similarity=neg_euclidean)
+        build_scorer("resend_msp", pair_logits=l2_head(neg_euclidean))
 
     class PostHoc(Scorer):
         """A baseline that takes no similarity callable."""
@@ -237,3 +250,78 @@ def test_registry_and_build_scorer(monkeypatch):
     assert isinstance(posthoc, PostHoc) and posthoc.shrinkage == 0.5
     with pytest.raises(ValueError, match="already registered"):
         register_scorer("resend")(PostHoc)
+
+
+def test_resend_similarity_is_the_negated_raw_l2_logit_or_the_ce_same_class_logit():
+    l2 = torch.tensor([[0.3], [-2.0], [0.0]])
+    assert resend_similarity(l2).tolist() == pytest.approx([-0.3, 2.0, 0.0])
+    ce = torch.tensor([[0.5, 1.5], [3.0, -1.0]])
+    assert resend_similarity(ce).tolist() == [0.5, 3.0]
+    for bad in (torch.zeros(4), torch.zeros(4, 3), torch.zeros(2, 1, 1)):
+        with pytest.raises(ValueError, match="must be \\[B, 1\\] \\(L2 head\\) or \\[B, 2\\] \\(CE head\\)"):
+            resend_similarity(bad)
+
+
+def table_logits(table):
+    """L2-head pair logits read from table[target id][prototype id]; ids sit in feature column 0."""
+    return lambda a, b: torch.tensor([[table[int(x)][int(y)]] for x, y in zip(a[:, 0], b[:, 0])])
+
+
+def test_raw_and_squashed_logits_rank_targets_differently():
+    # Two classes (prototype ids 0 and 1); target 0 is known, target 1 novel. Raw logits:
+    # target 0 -> (-3, 0), target 1 -> (-0.2, 0.2). The authors' softmax over -logit gives
+    # 0.953 and 0.599 (AUROC 1); over -(2*sigmoid(10*logit) - 1) it would give 0.731 and 0.821
+    # (AUROC 0). A regression to the squashed score fails here.
+    table = {0: {0: -3.0, 1: 0.0}, 1: {0: -0.2, 1: 0.2}}
+    support = torch.tensor([[0.0], [1.0]])
+    targets = torch.tensor([[0.0], [1.0]])
+    scorer = RelationalPrototypeScorer(table_logits(table))
+    scorer.fit(support, torch.tensor([0, 1]))
+    result = scorer.score(targets)
+    raw = torch.tensor([[3.0, 0.0], [0.2, -0.2]])
+    assert torch.allclose(result.normality, torch.softmax(raw, dim=1).max(dim=1).values)
+    assert result.normality.tolist() == pytest.approx([0.9526, 0.5987], abs=1e-4)
+    metrics = compute_metrics(result.normality.numpy(), np.array([0, 2]), result.pred.numpy(), 2)
+    assert metrics["auroc"] == 1.0
+    squashed = -(2 * torch.sigmoid(10 * -raw) - 1)
+    squashed_normality = torch.softmax(squashed, dim=1).max(dim=1).values.numpy()
+    assert compute_metrics(squashed_normality, np.array([0, 2]), None, 2)["auroc"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda logits: RelationalPrototypeScorer(logits),
+        lambda logits: MostSignificantPrototypesScorer(logits, k=2),
+        lambda logits: KnnRelationalScorer(logits, k=2),
+    ],
+    ids=["prototype", "msp", "knn"],
+)
+def test_ce_head_scores_with_the_same_class_logit(make):
+    support, support_labels, targets, _ = gaussian_problem(n_support=4, n_known=2, n_unknown=3)
+
+    def ce_logits(a, b):
+        # column 0 "same class", column 1 "different": the score must read column 0 only.
+        return torch.stack([neg_euclidean(a, b), 100.0 * torch.randn(a.shape[0])], dim=1)
+
+    torch.manual_seed(0)
+    ce = make(ce_logits)
+    ce.fit(support, support_labels)
+    l2 = make(l2_head(neg_euclidean))
+    l2.fit(support, support_labels)
+    ce_result, l2_result = ce.score(targets), l2.score(targets)
+    assert torch.allclose(ce_result.normality, l2_result.normality)
+    assert torch.equal(ce_result.pred, l2_result.pred)
+
+
+def test_farthest_point_selection_follows_the_authors_float16_and_swap_order():
+    # Row 2 (0.0) is nearest the mean and is swapped to the front: the order becomes rows 2, 1, 0.
+    # Distances to it: 1000 (row 1) and 1000.2 (row 0). float32 picks row 0; in float16 both
+    # round to 1000, and the tie goes to the first row of the swapped order, row 1.
+    feats = torch.tensor([[-1000.2], [1000.0], [0.0]])
+    assert farthest_point_indices(feats, 2).tolist() == [2, 1]
+    assert farthest_point_indices(feats, 2, half_precision=False).tolist() == [2, 0]
+    assert farthest_point_indices(feats, 5).tolist() == [2, 1, 0]
+    scorer = MostSignificantPrototypesScorer(l2_head(neg_euclidean), k=2)
+    scorer.fit(feats, torch.zeros(3, dtype=torch.long))
+    assert scorer.prototype_indices.tolist() == [2, 1]

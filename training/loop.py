@@ -265,7 +265,7 @@ def run_training(args: argparse.Namespace) -> Tuple[str, List[EvalResult]]:
                                     micro_step * pairs_per_micro_step, args)
         if eval_splits and (iteration % args.eval_period == 0 or iteration == args.iterations):
             results = evaluate_splits(eval_splits, model_without_ddp.backbone, model_without_ddp.relational,
-                                      args.loss_function, settings, device)
+                                      settings, device)
             write_results(results, folder, {**record, "iteration": iteration}, tb_writer, step=iteration)
             for result in results:
                 log.info("eval it %d %s/%s: auroc %.4f fpr95 %.4f", iteration, result.dataset, result.target,
