@@ -24,12 +24,18 @@ from typing import Sequence, Set
 
 import torch
 
-from datasets.benchmarks import EVAL_DATASETS
+from datasets.benchmarks import benchmark_names
+from datasets.image_lists import load_truncated_images
+from datasets.train_lists import training_set_names, training_uses_target
 from utils.distributed import add_distributed_args, cleanup, init_distributed_mode
+from utils.arg_types import (crop_scale, int_at_least, non_negative_float, non_negative_int, positive_float,
+                             positive_int, probability)
 from utils.precision import AMP_MODES
 
 CUDA_NUM_WORKERS = 4  # DataLoader processes per GPU process when --num_workers is not given
-TRAIN_DATASETS = ("ImageNet", "Folder") + tuple(d for d in EVAL_DATASETS if d != "Folder")
+# Exceptions that report bad input (DataError and CheckpointError are ValueErrors; OSError covers
+# missing files and failed writes): shown as one line, since the message names the path or value.
+USER_ERRORS = (ValueError, OSError)
 
 
 def str2bool(value: str) -> bool:
@@ -42,13 +48,22 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+class DefaultOnceHelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default once: appended unless the help text states it; None and False omitted."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """All command-line flags; names follow the authors' code where a flag exists there."""
-    parser = argparse.ArgumentParser("ReSeND", add_help=True,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser("ReSeND", add_help=True, formatter_class=DefaultOnceHelpFormatter)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="ImageNet", choices=sorted(set(TRAIN_DATASETS) | set(EVAL_DATASETS)),
+    data.add_argument("--dataset", default="ImageNet", choices=sorted(set(training_set_names()) | set(benchmark_names())),
                       help="training set, or with --only_eval the benchmark to evaluate")
     data.add_argument("--target", default=None,
                       help="benchmark target domain (e.g. ArtPainting, Clipart) or 'all'")
@@ -58,48 +73,53 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--source_dir", default=None, help="Folder eval: one subfolder per known class (support)")
     data.add_argument("--target_dir", default=None, help="Folder eval: one subfolder per class to score")
     data.add_argument("--train_dir", default=None, help="Folder training: one subfolder per class")
-    data.add_argument("--image_size", type=int, default=224)
-    data.add_argument("--num_workers", type=int, default=None,
+    data.add_argument("--load_truncated_images", action="store_true",
+                      help="decode truncated images with their missing part grey, as the authors' code does "
+                           "(each named in a warning); without it a truncated image is an error naming it")
+    data.add_argument("--image_size", type=int_at_least(32), default=224,
+                      help="square input size in pixels, at least 32 (the backbone downsamples 32x)")
+    data.add_argument("--num_workers", type=non_negative_int, default=None,
                       help=f"DataLoader workers per process (default: {CUDA_NUM_WORKERS} on CUDA, 0 on CPU)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--network", default="resnet18", choices=["resnet18", "resnet50"])
     model.add_argument("--backbone_weights", default="imagenet",
                        help="'imagenet' (torchvision IMAGENET1K_V1), 'none' (random init) or a state-dict path")
-    model.add_argument("--transf_depth", type=int, default=4, help="relational transformer blocks")
-    model.add_argument("--transf_n_heads", type=int, default=12, help="attention heads per block")
+    model.add_argument("--transf_depth", type=positive_int, default=4, help="relational transformer blocks")
+    model.add_argument("--transf_n_heads", type=positive_int, default=12, help="attention heads per block")
     model.add_argument("--head_init", default="vit", choices=["vit", "zero"],
                        help="relational head init: ViT trunc-normal (authors) or zeros (from-scratch runs)")
     model.add_argument("--loss_function", default="L2", choices=["L2", "CE"])
-    model.add_argument("--sigmoid_compression", type=float, default=10.0,
+    model.add_argument("--sigmoid_compression", type=positive_float, default=10.0,
                        help="c in the L2 training loss's e*sigmoid(c*x)-e/2 (scores use the raw logit x)")
-    model.add_argument("--sigmoid_expansion", type=float, default=2.0,
+    model.add_argument("--sigmoid_expansion", type=positive_float, default=2.0,
                        help="e in the L2 training loss's e*sigmoid(c*x)-e/2 (scores use the raw logit x)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--batch_size", type=int, default=256, help="pairs per process per micro-step")
-    train.add_argument("--accum_steps", type=int, default=1,
+    train.add_argument("--batch_size", type=positive_int, default=256, help="pairs per process per micro-step")
+    train.add_argument("--accum_steps", type=positive_int, default=1,
                        help="micro-steps per optimiser step (effective batch = batch_size x world x accum)")
-    train.add_argument("--iterations", type=int, default=13000, help="optimiser steps")
-    train.add_argument("--learning_rate", type=float, default=0.008)
+    train.add_argument("--iterations", type=positive_int, default=13000, help="optimiser steps")
+    train.add_argument("--learning_rate", type=positive_float, default=0.008)
     train.add_argument("--optimizer", default="lars", choices=["lars", "sgd"])
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight_decay", type=float, default=5e-4,
+    train.add_argument("--momentum", type=non_negative_float, default=0.9)
+    train.add_argument("--weight_decay", type=non_negative_float, default=5e-4,
                        help="authors' code value (the paper text says 5e-5)")
-    train.add_argument("--warmup", type=int, default=500, help="linear warm-up iterations")
-    train.add_argument("--step_after", type=int, default=13000, help="lr x0.1 every this many iterations")
+    train.add_argument("--warmup", type=non_negative_int, default=500, help="linear warm-up iterations")
+    train.add_argument("--step_after", type=positive_int, default=13000, help="lr x0.1 every this many iterations")
     train.add_argument("--lr_schedule", default="step", choices=["step", "cosine"],
                        help="after warm-up: the authors' step decay, or cosine to 0")
-    train.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (off by default)")
-    train.add_argument("--neg_to_pos_ratio", type=int, default=20, help="negative pairs per anchor")
+    train.add_argument("--clip_grad", type=positive_float, default=None, help="clip the gradient norm at this value (default: off)")
+    train.add_argument("--neg_to_pos_ratio", type=positive_int, default=20, help="negative pairs per anchor")
     train.add_argument("--class_balancing", type=str2bool, default=True,
                        help="extra anchors for classes smaller than the largest one")
-    train.add_argument("--min_scale", type=float, default=0.8, help="RandomResizedCrop scale min")
-    train.add_argument("--max_scale", type=float, default=1.0, help="RandomResizedCrop scale max")
-    train.add_argument("--random_horiz_flip", type=float, default=0.5)
-    train.add_argument("--jitter", type=float, default=0.8, help="ColorJitter brightness/contrast/saturation")
-    train.add_argument("--prob_jitter", type=float, default=0.5)
-    train.add_argument("--random_grayscale", type=float, default=0.1)
+    train.add_argument("--min_scale", type=crop_scale, default=0.8, help="RandomResizedCrop scale min, in (0, 1]")
+    train.add_argument("--max_scale", type=crop_scale, default=1.0, help="RandomResizedCrop scale max, in (0, 1]")
+    train.add_argument("--random_horiz_flip", type=probability, default=0.5, help="probability of a horizontal flip")
+    train.add_argument("--jitter", type=non_negative_float, default=0.8,
+                       help="ColorJitter brightness/contrast/saturation")
+    train.add_argument("--prob_jitter", type=probability, default=0.5, help="probability of the colour jitter")
+    train.add_argument("--random_grayscale", type=probability, default=0.1, help="probability of grayscale")
     train.add_argument("--amp", default="none", choices=AMP_MODES, help="mixed precision (CUDA and CPU)")
     train.add_argument("--sync_bn", type=str2bool, default=None,
                        help="SyncBatchNorm when distributed (default: on for CUDA, off on the CPU)")
@@ -113,33 +133,45 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="continue from a run folder's checkpoint.pth (no value: this run's folder)")
     run.add_argument("--auto_resume", action="store_true",
                      help="resume when the run folder already holds a checkpoint (for torchrun --max_restarts)")
+    run.add_argument("--resume_override", action="store_true",
+                     help="let --resume/--auto_resume continue with settings that differ from the checkpoint's "
+                          "(model, data, objective, optimiser, schedule); the differences are logged and "
+                          "recorded in args.json under resume_overrides")
+    run.add_argument("--save_on_interrupt", action="store_true",
+                     help="on SIGINT/SIGTERM, save a checkpoint at the current iteration before stopping "
+                          "(without it, the last periodic checkpoint is kept)")
     run.add_argument("--pretrained", default=None,
                      help="initialise from a checkpoint folder (authors' or ours) and start at iteration 0")
-    run.add_argument("--log_period", type=int, default=10)
-    run.add_argument("--save_period", type=int, default=500)
-    run.add_argument("--eval_period", type=int, default=500)
+    run.add_argument("--log_period", type=positive_int, default=10, help="iterations per log line")
+    run.add_argument("--save_period", type=positive_int, default=500, help="iterations per checkpoint")
+    run.add_argument("--eval_period", type=positive_int, default=500, help="iterations per periodic evaluation")
     run.add_argument("--eval_dataset", default=None,
                      help="periodic evaluation benchmark (default: DomainNet_IN_OUT for ImageNet, else none)")
     run.add_argument("--eval_target", default=None, help="target(s) of --eval_dataset")
 
+    run.add_argument("--traceback", action="store_true",
+                     help="on an input error, show the Python traceback instead of the one-line message")
     run.add_argument("--demo", action="store_true",
                      help="train and evaluate on the embedded Digits data (settings: training/demo.py)")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--only_eval", action="store_true", help="evaluate --checkpoint_folder_path")
-    evaluation.add_argument("--eval_batch_size", type=int, default=256)
-    evaluation.add_argument("--few_shot", type=int, default=None, help="N random support images per class")
+    evaluation.add_argument("--eval_batch_size", type=positive_int, default=256)
+    evaluation.add_argument("--few_shot", type=positive_int, default=None, help="N random support images per class")
     evaluation.add_argument("--most_significant_prototypes", action="store_true",
                             help="up to NNK prototypes per class (farthest-point selection)")
     evaluation.add_argument("--knn_distance_evaluator", action="store_true",
                             help="score against every support sample; mean of the NNK largest")
-    evaluation.add_argument("--NNK", type=int, default=1, help="K for the two variants above and for knn")
+    evaluation.add_argument("--NNK", type=positive_int, default=1, help="K for the two variants above and for knn")
     evaluation.add_argument("--evaluator", default=None,
                             help="scorer(s), comma-separated, or 'all': resend, resend_msp, resend_knn, "
                                  "prototype_distance, prototype_cosine, knn, mahalanobis, featurenorm, "
                                  "linear_probe (default: the one the flags above select)")
     evaluation.add_argument("--backbone_only", action="store_true",
                             help="evaluate the baselines on the --backbone_weights backbone alone, no checkpoint")
+    evaluation.add_argument("--tag", default=None,
+                            help="--only_eval: name of the result group under <folder>/eval/ (letters, digits, "
+                                 "'.', '_', '-'); default <dataset>_it<iteration>_<hash of the settings>")
 
     add_distributed_args(parser)
     return parser
@@ -158,9 +190,11 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     """Parse `argv`; with --demo, the demo's settings fill every flag not given explicitly."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    # --only_eval takes the run folder's settings for every flag not given here (evaluation/run.py).
+    args.explicit_flags = sorted(explicit_flags(parser, argv))
     if args.demo:
         from training.demo import apply_demo_settings
-        apply_demo_settings(args, explicit_flags(parser, argv))
+        apply_demo_settings(args, args.explicit_flags)
     return args
 
 
@@ -170,12 +204,24 @@ def resolve_num_workers(args: argparse.Namespace) -> None:
         # On a CPU the compute threads already occupy every core and loader processes only compete
         # with them (2-core eval: 34.2 ms/img with 2 workers, 31.8 with 0); on a GPU they overlap.
         args.num_workers = 0 if torch.device(args.device).type == "cpu" else CUDA_NUM_WORKERS
-    elif args.num_workers < 0:
-        raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
+
+
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """Refuse settings that involve several flags; each flag's own range is checked by the parser."""
+    if args.min_scale > args.max_scale:
+        raise ValueError(f"--min_scale {args.min_scale} is larger than --max_scale {args.max_scale}")
+    if args.target is not None and not args.only_eval and not training_uses_target(args.dataset):
+        # The run folder is named after the target, so an ignored target would still mislabel the run.
+        choosers = [name for name in training_set_names() if training_uses_target(name)]
+        raise ValueError(f"--target {args.target} has no meaning when training on {args.dataset}; "
+                         f"--target selects the training target of {', '.join(choosers)} "
+                         "or, with --only_eval, the target to score")
 
 
 def main(args: argparse.Namespace) -> None:
     """Set up processes, then evaluate (--only_eval) or train."""
+    check_flag_combinations(args)
+    load_truncated_images(args.load_truncated_images)
     if args.device == "cpu" or not torch.cuda.is_available():
         # Saturated sigmoid gradients become denormal floats, which made CPU steps ~30x slower on
         # some CPUs (measured no difference on an AMD AVX512 one); flushing them costs nothing.
@@ -196,5 +242,30 @@ def main(args: argparse.Namespace) -> None:
         cleanup()
 
 
+def run_command_line(argv: Sequence[str]) -> int:
+    """Parse and run; errors in the user's input end in one line on stderr, not a traceback."""
+    args = parse_command_line(argv)
+    try:
+        main(args)
+    except KeyboardInterrupt as error:
+        # Training raises a KeyboardInterrupt subclass whose message names the iteration and the
+        # last checkpoint, and whose exit_code follows the signal (130 SIGINT, 143 SIGTERM).
+        print(f"{_rank_prefix()}{str(error) or 'interrupted'}", file=sys.stderr)
+        return getattr(error, "exit_code", 130)
+    except USER_ERRORS as error:
+        if args.traceback:
+            raise
+        print(f"{_rank_prefix()}error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _rank_prefix() -> str:
+    """'[rank N] ' in a multi-process run (every process reports its own failure), else ''."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ:
+        return f"[rank {os.environ['RANK']}] "
+    return ""
+
+
 if __name__ == "__main__":
-    main(parse_command_line(sys.argv[1:]))
+    sys.exit(run_command_line(sys.argv[1:]))

@@ -23,8 +23,9 @@ Two targets:
 - `novel` (classes never trained on): support = `novel_support/5-7` (labels 0-2 for 5, 6, 7);
   scored = `novel_query/5-9` (labels 0-2 known, 3-4 for the unknown 8 and 9). 3 known classes.
 
-With `path_to_txt=DIR`, the lists `DIR/Digits/<name>` named by `digits_list_file_names` are read
-instead (lines `<path relative to data_root> <label>`, e.g. `Digits/train/0/0000.png 0`).
+With `path_to_txt=DIR`, the lists `DIR/Digits/<target>_support.txt` and `DIR/Digits/<target>.txt`
+are read instead (lines `<path relative to data_root> <label>`, e.g. `Digits/train/0/0000.png 0`).
+The protocol is the `DIGITS` Benchmark at the end of this module; `datasets.benchmarks` lists it.
 """
 from __future__ import annotations
 
@@ -35,19 +36,14 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from datasets.image_lists import DataError, Sample, list_images, read_split_lists
-
-if TYPE_CHECKING:  # benchmarks imports this module; EvalSplit is imported where it is built
-    from datasets.benchmarks import EvalSplit
+from datasets.image_lists import DataError, list_images
+from datasets.protocol import Benchmark, TargetProtocol
 
 DIGITS_DATASET = "Digits"
-DIGITS_TARGETS = ("seen", "novel")
 DIGITS_SPLIT_SEED = 0
 DIGITS_IMAGE_SIZE = 32
 MANIFEST_FILE = "manifest.json"
@@ -60,41 +56,18 @@ _TRAIN_TENTHS = 7
 _SEEN_DIGITS = (0, 1, 2, 3, 4)
 _NOVEL_KNOWN_DIGITS = (5, 6, 7)
 _NOVEL_UNKNOWN_DIGITS = (8, 9)
+_ALL_NOVEL = _NOVEL_KNOWN_DIGITS + _NOVEL_UNKNOWN_DIGITS
 
 
-@dataclass(frozen=True)
-class DigitsTarget:
-    """Class folders (`<split>/<digit>`) of a target's support and scored sets, and its labels."""
-
-    support: tuple[str, ...]
-    scored: tuple[str, ...]
-    class_names: tuple[str, ...]
-    known_classes: int
-    list_names: tuple[str, str]
+def _names(digits: tuple[int, ...]) -> tuple[str, ...]:
+    """Class folder names of digits."""
+    return tuple(str(d) for d in digits)
 
 
 def _folders(split: str, digits: tuple[int, ...]) -> tuple[str, ...]:
     """`<split>/<digit>` folder names."""
     return tuple(f"{split}/{digit}" for digit in digits)
 
-
-_ALL_NOVEL = _NOVEL_KNOWN_DIGITS + _NOVEL_UNKNOWN_DIGITS
-
-_TARGETS = {
-    "seen": DigitsTarget(
-        support=_folders("train", _SEEN_DIGITS),
-        scored=(_folders("heldout", _SEEN_DIGITS) + _folders("novel_support", _NOVEL_KNOWN_DIGITS)
-                + _folders("novel_query", _ALL_NOVEL)),
-        class_names=tuple(str(d) for d in _SEEN_DIGITS + _ALL_NOVEL),
-        known_classes=len(_SEEN_DIGITS),
-        list_names=("seen_support.txt", "seen.txt")),
-    "novel": DigitsTarget(
-        support=_folders("novel_support", _NOVEL_KNOWN_DIGITS),
-        scored=_folders("novel_query", _ALL_NOVEL),
-        class_names=tuple(str(d) for d in _ALL_NOVEL),
-        known_classes=len(_NOVEL_KNOWN_DIGITS),
-        list_names=("novel_support.txt", "novel.txt")),
-}
 
 # Every class folder of the tree, in the order they are written and recorded in the manifest.
 _ALL_FOLDERS = (_folders("train", _SEEN_DIGITS) + _folders("heldout", _SEEN_DIGITS)
@@ -235,75 +208,29 @@ def prepare_digits(data_root: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Splits.
+# The protocol.
 
-def _target(target: str) -> DigitsTarget:
-    """The protocol of a Digits target; DataError listing the valid ones."""
-    if target not in _TARGETS:
-        raise DataError(f"unknown target {target!r} for {DIGITS_DATASET}; valid: "
-                        f"{', '.join(DIGITS_TARGETS)}")
-    return _TARGETS[target]
-
-
-def digits_list_file_names(target: str) -> tuple[str, str]:
-    """(support list name, scored list name) of a Digits target, e.g. seen_support.txt, seen.txt."""
-    return _target(target).list_names
-
-
-def _require_tree(data_root: str | None) -> str:
-    """The path of the complete Digits tree under `data_root`, with its manifest checked."""
-    if data_root is None:
-        raise DataError(f"{DIGITS_DATASET} needs a data root holding <data_root>/{DIGITS_DATASET} "
-                        f"(made by datasets.digits.prepare_digits or `python train.py --demo`)")
-    root = digits_root(data_root)
+def check_digits_tree(root: str) -> None:
+    """Refuse a missing or incomplete tree (its manifest is written last), naming how to make it."""
     _read_manifest(root)
-    return root
 
 
-def _folder_samples(root: str, folders: tuple[str, ...], class_names: tuple[str, ...]) -> list[Sample]:
-    """Every image of each `<split>/<digit>` folder, labelled by the digit's class index."""
-    samples: list[Sample] = []
-    for folder in folders:
-        label = class_names.index(folder.split("/")[1])
-        images = list_images(os.path.join(root, folder))
-        if not images:
-            raise DataError(f"Digits folder {os.path.join(root, folder)} contains no images; "
-                            f"delete {root} and run prepare_digits again")
-        samples.extend((path, label) for path in images)
-    return sorted(samples)
-
-
-def _split_from_lists(target: str, protocol: DigitsTarget, data_root: str,
-                      path_to_txt: str) -> tuple[list[Sample], list[Sample]]:
-    """Support and scored samples read from `path_to_txt/Digits/<list>`, labels checked."""
-    list_paths = [os.path.join(path_to_txt, DIGITS_DATASET, name) for name in protocol.list_names]
-    support, scored = read_split_lists(list_paths, data_root, len(protocol.class_names),
-                                       f"{DIGITS_DATASET}/{target}")
-    return support, scored
-
-
-def digits_eval_split(target: str, data_root: str | None,
-                      path_to_txt: str | None = None) -> EvalSplit:
-    """Support and scored samples of a Digits target, from the prepared folders or list files."""
-    from datasets.benchmarks import EvalSplit
-
-    protocol = _target(target)
-    if path_to_txt is not None:
-        if data_root is None:
-            raise DataError(f"{DIGITS_DATASET} lists are relative to a data root; give data_root")
-        support, scored = _split_from_lists(target, protocol, data_root, path_to_txt)
-    else:
-        root = _require_tree(data_root)
-        support = _folder_samples(root, protocol.support, protocol.class_names)
-        scored = _folder_samples(root, protocol.scored, protocol.class_names)
-    return EvalSplit(DIGITS_DATASET, target, support, scored, protocol.known_classes,
-                     list(protocol.class_names))
-
-
-def digits_train_samples(data_root: str | None) -> list[Sample]:
-    """The training images: 70% of each digit 0-4, labels 0-4 (the `seen` target's support)."""
-    root = _require_tree(data_root)
-    return _folder_samples(root, _TARGETS["seen"].support, _TARGETS["seen"].class_names)
+DIGITS = Benchmark(
+    name=DIGITS_DATASET, root=DIGITS_DATASET,
+    targets={
+        "seen": TargetProtocol(
+            support={"train": _names(_SEEN_DIGITS)},
+            scored={"heldout": _names(_SEEN_DIGITS), "novel_support": _names(_NOVEL_KNOWN_DIGITS),
+                    "novel_query": _names(_ALL_NOVEL)},
+            class_names=_names(_SEEN_DIGITS + _ALL_NOVEL), known_classes=len(_SEEN_DIGITS)),
+        "novel": TargetProtocol(
+            support={"novel_support": _names(_NOVEL_KNOWN_DIGITS)},
+            scored={"novel_query": _names(_ALL_NOVEL)},
+            class_names=_names(_ALL_NOVEL), known_classes=len(_NOVEL_KNOWN_DIGITS)),
+    },
+    support_list="{target}_support.txt", scored_list="{target}.txt",
+    check_tree=check_digits_tree, train_target="seen", layout_hint="<split>/<digit>/<image>")
+"""The Digits benchmark; training on Digits uses the `seen` target's support set (digits 0-4)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,8 @@ def export_lists(dataset: str, target: str | None, data_root: str, out_dir: str)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=sorted(BENCHMARKS) + ["Digits"])
+    parser.add_argument("--dataset", required=True,
+                        choices=[name for name, bench in BENCHMARKS.items() if not bench.user_folders])
     parser.add_argument("--target", default=None,
                         help="a target of the dataset, or 'all' (default: the only target)")
     parser.add_argument("--data_root", required=True)

@@ -1,5 +1,6 @@
 """Image lists: discovering images in folders, reading/writing `<path> <label>` files, loading images."""
 import os
+import warnings
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
@@ -7,10 +8,6 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from utils.atomic_files import atomic_write_text
-
-# Some benchmark images (notably in DomainNet and ImageNet) are JPEGs with missing trailing bytes
-# that still decode; the authors' pipeline loads them, so we must too.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 Sample = tuple[str, int]
 
@@ -53,23 +50,28 @@ def read_list_file(list_path: str, root: str) -> list[Sample]:
         raise FileNotFoundError(f"list file not found: {list_path}")
     root = os.path.abspath(root)
     samples: list[Sample] = []
-    with open(list_path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            # The label is the last token so that paths containing spaces survive.
-            parts = text.rsplit(None, 1)
-            if len(parts) != 2:
-                raise DataError(f"{list_path}, line {line_number}: expected "
-                                f"'<relative path> <integer label>', got {text!r}")
-            rel_path, label_text = parts
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise DataError(f"{list_path}, line {line_number}: label {label_text!r} "
-                                f"is not an integer (line {text!r})") from None
-            samples.append((os.path.normpath(os.path.join(root, rel_path)), label))
+    with open(list_path, "rb") as handle:
+        raw_lines = handle.read().splitlines()
+    for line_number, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise DataError(f"{list_path}, line {line_number}: not UTF-8 text ({error.reason} at byte "
+                            f"{error.start} of the line); expected '<relative path> <integer label>' lines") from None
+        if not text:
+            continue
+        # The label is the last token so that paths containing spaces survive.
+        parts = text.rsplit(None, 1)
+        if len(parts) != 2:
+            raise DataError(f"{list_path}, line {line_number}: expected "
+                            f"'<relative path> <integer label>', got {text!r}")
+        rel_path, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise DataError(f"{list_path}, line {line_number}: label {label_text!r} "
+                            f"is not an integer (line {text!r})") from None
+        samples.append((os.path.normpath(os.path.join(root, rel_path)), label))
     return samples
 
 
@@ -122,13 +124,48 @@ def check_files_exist(samples: Sequence[Sample]) -> None:
         raise DataError(f"{len(missing)} listed image(s) do not exist: {shown}{suffix}")
 
 
+# Whether a truncated image is decoded with its missing part grey (the authors' code sets Pillow's
+# LOAD_TRUNCATED_IMAGES globally) instead of being an error. Off by default: a grey-filled image is
+# scored or trained on as if it were data. DataLoader workers inherit it (fork start method).
+_truncated_policy = {"load": False, "warned": set()}
+
+
+def load_truncated_images(enabled: bool) -> None:
+    """Choose whether `load_image` decodes truncated files grey-filled (with a warning) or refuses them."""
+    _truncated_policy["load"] = bool(enabled)
+
+
 def load_image(path: str) -> Image.Image:
-    """Open an image file as RGB; raise DataError naming the path if it cannot be read."""
+    """Open an image file as RGB; raise DataError naming the path if it cannot be read whole.
+
+    A truncated file (a JPEG cut anywhere, even only its end marker) is an error unless
+    `load_truncated_images(True)`; then it is decoded with the missing part grey and named in a warning.
+    """
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        if _truncated_policy["load"] and "truncated" in str(error):
+            return _load_truncated(path)
         raise DataError(f"cannot read image {path}: {error}") from error
+
+
+def _load_truncated(path: str) -> Image.Image:
+    """Decode a truncated image the authors' way (missing part grey), warning once per file."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with Image.open(path) as image:
+            decoded = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    if path not in _truncated_policy["warned"]:
+        _truncated_policy["warned"].add(path)
+        warnings.warn(f"{path} is truncated; its missing part is decoded grey (--load_truncated_images)",
+                      stacklevel=2)
+    return decoded
 
 
 class ImageListDataset(Dataset):

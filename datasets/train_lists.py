@@ -1,5 +1,9 @@
 """Training image lists: ImageNet (scanned once, then cached), a class-per-folder tree, or a benchmark.
 
+`TRAINING_SETS` is the one table of training data set names: ImageNet, Folder (`train_dir`) and
+every list-based benchmark of `datasets.benchmarks`, whose training set is the support set of a
+target (the benchmark's fixed `train_target`, e.g. Digits' `seen`, or the `--target` the user names).
+
 The ImageNet scan (1.28M files) is slow on network disks, so with `cache_dir` the scanned list is
 stored as gzip text (`imagenet_train_<root hash>.txt.gz`: a JSON header line, then one file name per
 line, class after class) and reused while the tree is unchanged. The cache key is the resolved
@@ -12,14 +16,14 @@ import json
 import os
 
 from datasets.benchmarks import BENCHMARKS, get_eval_split
-from datasets.digits import digits_train_samples
 from datasets.image_lists import (IMAGE_EXTENSIONS, DataError, Sample, check_files_exist,
                                   list_images, list_subfolders, read_list_file)
 from utils.atomic_files import atomic_open
 
 IMAGENET_TRAIN_SUBDIR = os.path.join("ImageNet", "Data", "CLS-LOC", "train")
 IMAGENET_LAYOUT = "<data_root>/ImageNet/Data/CLS-LOC/train/<wnid>/<image>"
-TRAIN_DATASETS = ("ImageNet", "Folder") + tuple(BENCHMARKS) + ("Digits",)
+# The periodic evaluation the authors run while training on a data set (train.py's default).
+DEFAULT_EVAL_DATASET = {"ImageNet": "DomainNet_IN_OUT"}
 
 _CACHE_FORMAT = "resend-train-list-cache"
 _CACHE_VERSION = 1
@@ -151,18 +155,46 @@ def _write_cache(cache_path: str, key: str, train_dir: str, classes: list[str],
         out.write(payload.encode("utf-8"))
 
 
+def _imagenet_reader(data_root: str | None, path_to_txt: str | None, train_dir: str | None,
+                     cache_dir: str | None, target: str | None) -> list[Sample]:
+    """ImageNet from `data_root` (scanned, cached) or the authors' list."""
+    if data_root is None:
+        raise DataError(f"ImageNet training needs data_root ({IMAGENET_LAYOUT})")
+    return imagenet_train_samples(data_root, path_to_txt, cache_dir)
+
+
+def _folder_reader(data_root: str | None, path_to_txt: str | None, train_dir: str | None,
+                   cache_dir: str | None, target: str | None) -> list[Sample]:
+    """A class-per-folder tree at `train_dir`."""
+    return folder_train_samples(train_dir)
+
+
+# Training sets that are not evaluation benchmarks; every list-based benchmark is one as well.
+_OWN_TRAINING_SETS = {"ImageNet": _imagenet_reader, "Folder": _folder_reader}
+
+
+def training_set_names() -> list[str]:
+    """Every data set `train_samples` accepts: ImageNet, Folder and the list-based benchmarks."""
+    return list(_OWN_TRAINING_SETS) + [name for name, bench in BENCHMARKS.items()
+                                       if not bench.user_folders and name not in _OWN_TRAINING_SETS]
+
+
+def training_uses_target(dataset: str) -> bool:
+    """Whether `--target` chooses the training set of `dataset` (a benchmark without a fixed train target)."""
+    if dataset in _OWN_TRAINING_SETS:
+        return False
+    bench = BENCHMARKS.get(dataset)
+    return bench is not None and not bench.user_folders and bench.train_target is None
+
+
 def train_samples(dataset: str, data_root: str | None, path_to_txt: str | None = None,
                   train_dir: str | None = None, cache_dir: str | None = None,
                   target: str | None = None) -> list[Sample]:
     """Training samples of `dataset`: ImageNet, a Folder tree, or a benchmark target's support set."""
-    if dataset == "ImageNet":
-        if data_root is None:
-            raise DataError(f"ImageNet training needs data_root ({IMAGENET_LAYOUT})")
-        return imagenet_train_samples(data_root, path_to_txt, cache_dir)
-    if dataset == "Folder":
-        return folder_train_samples(train_dir)
-    if dataset == "Digits":
-        return digits_train_samples(data_root)
-    if dataset in BENCHMARKS:
-        return get_eval_split(dataset, target, data_root, path_to_txt).support
-    raise DataError(f"unknown training dataset {dataset!r}; valid: {', '.join(TRAIN_DATASETS)}")
+    if dataset in _OWN_TRAINING_SETS:
+        return _OWN_TRAINING_SETS[dataset](data_root, path_to_txt, train_dir, cache_dir, target)
+    if dataset not in training_set_names():
+        raise DataError(f"unknown training dataset {dataset!r}; valid: {', '.join(training_set_names())}")
+    # A benchmark trains on the support set of its fixed training target or of the one named.
+    bench = BENCHMARKS[dataset]
+    return get_eval_split(dataset, bench.train_target or target, data_root, path_to_txt).support

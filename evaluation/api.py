@@ -4,8 +4,11 @@
     detector = NoveltyDetector.from_folder("outputs/ImageNet_resnet18_rel_transformer")
     detector.fit(["cat1.jpg", "cat2.jpg", "dog1.jpg"], [0, 0, 1])   # support images and labels
     result = detector.score(["query.jpg"])                           # result.normality, result.pred
+
+`from_folder` uses the input size and head count the run folder's `args.json` records (as
+`train.py --only_eval` does); `detector.settings` says what was used and where it came from.
 """
-from typing import Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -13,6 +16,7 @@ from PIL import Image
 from datasets.image_lists import load_image
 from datasets.transforms import eval_transform
 from evaluation.evaluate import default_pair_chunk, relational_pair_logits  # also registers the baselines
+from evaluation.run_settings import loaded_from, loaded_line, model_facts, resolve_run_settings
 from evaluation.scorers import ScoreResult, Scorer, build_scorer
 from models.backbone import fold_batchnorm
 from models.checkpoint import LoadedModel, load_model_folder
@@ -29,6 +33,7 @@ class NoveltyDetector:
         self.model = model
         self.device = torch.device(device)
         self.amp = amp
+        self.image_size = image_size
         self.transform = eval_transform(image_size)
         self.batch_size = batch_size
         model.backbone.to(self.device).eval()
@@ -39,12 +44,33 @@ class NoveltyDetector:
         self.scorer: Scorer = build_scorer(scorer, pair_logits=pair_logits, k=nnk,
                                            chunk_size=default_pair_chunk(self.device))
         self._fitted = False
+        # What the scores depend on; from_folder adds where the settings came from.
+        self.settings: Dict[str, Any] = {"checkpoint": model.folder, "loaded_from": loaded_from(model),
+                                         "iteration": model.iteration,
+                                         **model_facts(model.backbone, model.relational),
+                                         "image_size": image_size, "run_args": None, "overrides": {}}
 
     @classmethod
-    def from_folder(cls, folder: str, device: Union[str, torch.device] = "cpu", n_heads: int = 12,
-                    **kwargs) -> "NoveltyDetector":
-        """Load `feature_extractor.pkl` + `cls_rel.pkl` from a checkpoint folder (authors' or ours)."""
-        return cls(load_model_folder(folder, n_heads=n_heads, device=str(device)), device=device, **kwargs)
+    def from_folder(cls, folder: str, device: Union[str, torch.device] = "cpu", n_heads: Optional[int] = None,
+                    image_size: Optional[int] = None, verbose: bool = True, **kwargs: Any) -> "NoveltyDetector":
+        """Load a checkpoint folder (authors' or ours) with the settings its `args.json` records.
+
+        `n_heads` and `image_size` given here override `args.json` (reported as overrides); a folder
+        without it (the authors' release) gets 12 heads and 224 px. With `verbose`, prints where the
+        settings and the weights came from. `detector.settings` records all of it.
+        """
+        given = {"image_size": 224 if image_size is None else image_size,
+                 "transf_n_heads": 12 if n_heads is None else n_heads}
+        explicit = {name for name, value in (("image_size", image_size), ("transf_n_heads", n_heads))
+                    if value is not None}
+        run = resolve_run_settings(folder, given, explicit, keywords=True)
+        model = load_model_folder(folder, n_heads=run.n_heads, device=str(device))
+        if verbose:
+            for line in [*run.messages, loaded_line(model)]:
+                print(line, flush=True)
+        detector = cls(model, device=device, image_size=run.image_size, **kwargs)
+        detector.settings.update(run_args=run.run_args, overrides=run.overrides)
+        return detector
 
     @torch.inference_mode()
     def features(self, images: Sequence[ImageLike]) -> torch.Tensor:

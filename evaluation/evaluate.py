@@ -1,22 +1,18 @@
-"""Prototype evaluation: features once per image -> scorer -> metrics -> JSON, per-sample CSV, TensorBoard.
+"""The evaluation engine: features once per image -> every scorer -> metrics (reporting: evaluation.report).
 
 Used by `train.py --only_eval` and by the periodic evaluation during training. The work is
 sharded over processes when launched distributed; rank 0 computes the metrics and writes files.
 """
-import csv
-import io
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 import evaluation.baselines  # noqa: F401  (registers the post-hoc baselines)
-from datasets.benchmarks import EvalSplit
+from datasets.benchmarks import EvalSplit, get_eval_split, resolve_targets
 from datasets.image_lists import check_files_exist
 from datasets.transforms import eval_transform
 from evaluation.features import extract_features
@@ -24,7 +20,6 @@ from evaluation.jigsaw import JigsawTransform
 from evaluation.metrics import compute_metrics
 from evaluation.scorers import SCORERS, ScoreResult, build_scorer, few_shot_indices
 from models.backbone import ResNetBackbone, fold_batchnorm
-from utils.atomic_files import atomic_write_text
 from utils.distributed import gather_by_index, get_world_size, is_main_process
 from utils.precision import autocast
 
@@ -202,97 +197,20 @@ def _gather_result(local: ScoreResult, indices: torch.Tensor, total: int) -> Sco
                        extra={name: gather(values) for name, values in local.extra.items()})
 
 
-def write_eval_outputs(result: EvalResult, eval_dir: str, settings_record: Dict[str, Any]) -> Dict[str, str]:
-    """Write `<dataset>_<target>.json` and `<dataset>_<target>_scores.csv` into `eval_dir`."""
-    os.makedirs(eval_dir, exist_ok=True)
-    stem = f"{result.dataset}_{result.target}"
-    if result.scorer != "resend":
-        stem = f"{stem}_{result.scorer}"
-    record = {"dataset": result.dataset, "target": result.target, "scorer": result.scorer,
-              **result.metrics, "known_classes": result.known_classes, "n_support": result.n_support,
-              "extra_metrics": result.extra_metrics,
-              "seconds": {name: round(value, 3) for name, value in result.seconds.items()},
-              "settings": settings_record}
-    json_path = os.path.join(eval_dir, f"{stem}.json")
-    csv_path = os.path.join(eval_dir, f"{stem}_scores.csv")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "known", "normality", "pred"])
-    for i, path in enumerate(result.paths):
-        label = int(result.labels[i])
-        pred = "" if result.preds is None else int(result.preds[i])
-        writer.writerow([path, label, int(label < result.known_classes), f"{result.normality[i]:.8g}", pred])
-    atomic_write_text(csv_path, buffer.getvalue())
-    atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
-    return {"json": json_path, "csv": csv_path}
+def load_splits(dataset: str, target: Optional[str], data_root: Optional[str], path_to_txt: Optional[str] = None,
+                source_dir: Optional[str] = None, target_dir: Optional[str] = None) -> List[EvalSplit]:
+    """Every split to evaluate, each checked (folders, lists, image files) before any scoring."""
+    splits = []
+    for name in resolve_targets(dataset, target):
+        split = get_eval_split(dataset, name, data_root, path_to_txt=path_to_txt,
+                               source_dir=source_dir, target_dir=target_dir)
+        validate_split(split)
+        splits.append(split)
+    return splits
 
 
-def log_to_tensorboard(writer: Any, result: EvalResult, step: int) -> None:
-    """Scalars, known/unknown score histograms and a PR curve under `eval/<dataset>_<target>/`."""
-    tag = f"eval/{result.dataset}_{result.target}"
-    if result.scorer != "resend":
-        tag = f"{tag}_{result.scorer}"
-    for name in ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc"):
-        if result.metrics.get(name) is not None:
-            writer.add_scalar(f"{tag}/{name}", result.metrics[name], step)
-    is_known = result.labels < result.known_classes
-    writer.add_histogram(f"{tag}/normality_known", result.normality[is_known], step)
-    writer.add_histogram(f"{tag}/normality_unknown", result.normality[~is_known], step)
-    writer.add_pr_curve(f"{tag}/pr_known", is_known.astype(np.int64), result.normality, step)
-    writer.flush()
-
-
-TABLE_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc")
-
-
-def summary_rows(results: Sequence[EvalResult], metric: str) -> Tuple[List[str], List[Dict[str, Any]]]:
-    """Methods as rows, targets (and their average) as columns, for one metric."""
-    targets = list(dict.fromkeys(r.target for r in results))
-    rows = []
-    for scorer in dict.fromkeys(r.scorer for r in results):
-        row: Dict[str, Any] = {"method": scorer}
-        for r in results:
-            if r.scorer == scorer:
-                row[r.target] = r.metrics.get(metric)
-        values = [row[t] for t in targets if row.get(t) is not None]
-        if len(targets) > 1:
-            row["average"] = float(np.mean(values)) if len(values) == len(targets) else None
-        rows.append(row)
-    columns = targets + (["average"] if len(targets) > 1 else [])
-    return columns, rows
-
-
-def format_table(results: Sequence[EvalResult], metrics: Sequence[str] = ("auroc", "fpr95")) -> str:
-    """One block per metric: methods as rows, targets and their average as columns."""
-    if not results:
-        return "(no results)"
-    blocks = []
-    for metric in metrics:
-        columns, rows = summary_rows(results, metric)
-        width = max(12, *(len(c) + 2 for c in columns))
-        name_width = max(20, *(len(r["method"]) + 2 for r in rows))
-        header = f"{results[0].dataset + ' ' + metric:<{name_width}}" + "".join(f"{c:>{width}}" for c in columns)
-        lines = [header, "-" * len(header)]
-        for row in rows:
-            cells = "".join(f"{'-':>{width}}" if row.get(c) is None else f"{row[c]:>{width}.4f}" for c in columns)
-            lines.append(f"{row['method']:<{name_width}}{cells}")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
-
-
-def summary_files(results: Sequence[EvalResult], eval_dir: str) -> Dict[str, str]:
-    """`<dataset>_summary.json` (every metric) and `<dataset>_summary.csv` (one row per method and metric)."""
-    dataset = results[0].dataset
-    record = {metric: summary_rows(results, metric)[1] for metric in TABLE_METRICS}
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    columns = summary_rows(results, "auroc")[0]
-    writer.writerow(["metric", "method", *columns])
-    for metric in TABLE_METRICS:
-        for row in record[metric]:
-            writer.writerow([metric, row["method"], *("" if row.get(c) is None else f"{row[c]:.6f}" for c in columns)])
-    json_path = os.path.join(eval_dir, f"{dataset}_summary.json")
-    csv_path = os.path.join(eval_dir, f"{dataset}_summary.csv")
-    atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
-    atomic_write_text(csv_path, buffer.getvalue())
-    return {"json": json_path, "csv": csv_path}
+def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relational: Optional[torch.nn.Module],
+                    settings: EvalSettings, device: torch.device) -> List[EvalResult]:
+    """Evaluate every split (sharded over processes); the results exist on rank 0 only."""
+    return [result for split in splits
+            for result in evaluate_split(backbone, relational, split, settings, device)]

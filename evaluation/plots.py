@@ -2,8 +2,9 @@
 
 The inputs are `evaluation.evaluate.EvalResult` objects or anything with the same attributes
 (`dataset, target, scorer, normality, labels, known_classes, metrics['auroc']`); known (label <
-known_classes) is the positive class. `plots_from_eval_dir` rebuilds the figures from the files an
-evaluation writes (`<stem>.json` and `<stem>_scores.csv`), so `media/` can be regenerated from a run.
+known_classes) is the positive class. `plots_from_eval_dir` rebuilds the figures from the files of
+one result group (`<run>/eval/<group>/`: `<stem>.json` and `<stem>_scores.csv`; the manifest and
+summary files are not read), so `media/` can be regenerated from a run.
 Figures are drawn on matplotlib's Agg canvas directly: no display and no global backend switch.
 """
 import csv
@@ -148,7 +149,7 @@ def _read_scores_csv(csv_path: str, known_classes: int) -> tuple[np.ndarray, np.
 
 
 def read_eval_dir(eval_dir: str) -> List[PlotRecord]:
-    """One PlotRecord per `<stem>_scores.csv` + `<stem>.json` pair of `eval_dir`, sorted by stem."""
+    """One PlotRecord per `<stem>_scores.csv` + `<stem>.json` pair of a result group folder, sorted by stem."""
     if not os.path.isdir(eval_dir):
         raise FileNotFoundError(f"evaluation folder not found: {eval_dir}")
     stems = sorted(name[:-len(SCORES_SUFFIX)] for name in os.listdir(eval_dir)

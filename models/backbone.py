@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models as tv_models
 
+from models.state_dicts import backbone_state_from_any, load_state_strict, read_state_file
+
 NETWORKS = {"resnet18": 512, "resnet50": 2048}
 
 _BUILDERS = {
@@ -53,9 +55,6 @@ class ResNetBackbone(nn.Module):
 
     def _load_weights_file(self, path: str) -> None:
         """Load a backbone state dict file in our layout or the authors' doubled layout (strict)."""
-        # Imported here because models.checkpoint imports this module at import time.
-        from models.checkpoint import backbone_state_from_any, load_state_strict, read_state_file
-
         state = backbone_state_from_any(read_state_file(path))
         load_state_strict(self, state, source=path)
 

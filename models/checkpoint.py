@@ -1,29 +1,42 @@
-"""The authors' checkpoint folder (feature_extractor.pkl, cls_rel.pkl, last_checkpoint.txt): strict load, atomic save."""
+"""Checkpoint folders: strict load of the authors' files or of a run folder's last generation; atomic save.
+
+A run folder of this project's training keeps each checkpoint as one generation folder,
+`checkpoints/it<N>/`, holding the authors' three files and `checkpoint.pth`; `checkpoints/last`
+(and `checkpoints/best`) are links to generations, switched by one atomic rename. Loaders resolve
+`checkpoints/last` once and read every file from that one generation. A folder without it is read
+flat: the authors' layout (their files as regular files), or an older run folder of this project.
+"""
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import IO
 
 import torch
 from torch import Tensor, nn
 
 from models.backbone import NETWORKS, ResNetBackbone
 from models.relational import RelationalTransformer
+from models.state_dicts import (CheckpointError, _show, backbone_state_from_any, backbone_state_to_authors,
+                                infer_network, load_state_strict, read_state_file)
 from utils.atomic_files import StagedFiles, atomic_open
 
 FEATURE_EXTRACTOR_FILE = "feature_extractor.pkl"
 RELATIONAL_FILE = "cls_rel.pkl"
 LAST_CHECKPOINT_FILE = "last_checkpoint.txt"
+TRAIN_STATE_FILE = "checkpoint.pth"  # the full training state (training/state.py)
+CHECKPOINTS_DIR = "checkpoints"
+LAST_LINK = "last"
+BEST_LINK = "best"
+GENERATION_FILES = (FEATURE_EXTRACTOR_FILE, RELATIONAL_FILE, LAST_CHECKPOINT_FILE, TRAIN_STATE_FILE)
+# it<iteration, 6+ digits>[.<n>]: a second generation of one iteration gets a suffix, never replaces the first.
+GENERATION_NAME = re.compile(r"^it(\d{6,})(\.\d+)?$")
 
-AUTHORS_PREFIX = "model_resnet."
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder is missing, unreadable or does not match the model."""
 
 
 @dataclass
@@ -35,7 +48,13 @@ class LoadedModel:
     network: str
     objective: str
     iteration: int | None
-    folder: str
+    folder: str  # the folder asked for
+    source: str  # the directory every file was read from: the resolved generation, or `folder` itself
+
+    def describe(self) -> str:
+        """One line for logs: which iteration was loaded from where."""
+        iteration = "no iteration recorded" if self.iteration is None else f"iteration {self.iteration}"
+        return f"loaded {iteration} from {self.source}"
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -44,96 +63,6 @@ def atomic_torch_save(obj: object, path: str) -> None:
     """torch.save to a temp file in the same folder, then os.replace, so `path` is never half written."""
     with atomic_open(path, "wb") as out:
         torch.save(obj, out)
-
-
-# ---------------------------------------------------------------- state dicts
-
-def read_state_file(path: str, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Load a state dict (str -> Tensor) with weights_only=True; anything else -> CheckpointError naming path."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    # torch.load reports corrupt input with many unrelated types (UnpicklingError, KeyError, EOFError, ...).
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as a torch state dict: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
-    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{path} is not a state dict: non-tensor entries {_show(bad)}")
-    return dict(state)
-
-
-def _show(keys: list[str], limit: int = 20) -> str:
-    """Readable, bounded list of keys for error messages."""
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return "[" + ", ".join(keys[:limit]) + "]" + more
-
-
-def _without_fc(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drop the ImageNet classifier, which the backbone does not have."""
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
-
-
-def backbone_state_from_any(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Backbone state in our layout (top-level keys, no fc) from our layout or the authors' (doubled) one."""
-    prefixed = _without_fc({k[len(AUTHORS_PREFIX):]: v for k, v in state.items() if k.startswith(AUTHORS_PREFIX)})
-    top = _without_fc({k: v for k, v in state.items() if not k.startswith(AUTHORS_PREFIX)})
-    if not prefixed:
-        return top
-    if not top:
-        return prefixed
-    only_prefixed = [AUTHORS_PREFIX + k for k in prefixed.keys() - top.keys()]
-    only_top = list(top.keys() - prefixed.keys())
-    differing = [k for k in prefixed.keys() & top.keys() if not torch.equal(prefixed[k], top[k])]
-    if only_prefixed or only_top or differing:
-        raise CheckpointError(
-            f"the two backbone copies ('{AUTHORS_PREFIX}*' and top level) differ: "
-            f"only under the prefix {_show(only_prefixed)}, only at top level {_show(only_top)}, "
-            f"different values {_show(differing)}")
-    return top
-
-
-def backbone_state_to_authors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The authors' layout: every backbone tensor under 'model_resnet.<k>' and '<k>', no fc."""
-    plain = _without_fc(state)
-    # The same tensor objects under both names: torch.save stores each storage once.
-    out = {AUTHORS_PREFIX + k: v for k, v in plain.items()}
-    out.update(plain)
-    return out
-
-
-def infer_network(backbone_state: Mapping[str, Tensor]) -> str:
-    """ "resnet50" if the (top-level) state has bottleneck blocks, "resnet18" if basic blocks."""
-    if "layer1.0.conv3.weight" in backbone_state:
-        return "resnet50"
-    if "layer1.0.conv1.weight" in backbone_state:
-        return "resnet18"
-    raise CheckpointError(
-        "cannot infer the backbone network: no 'layer1.0.conv1.weight' key in the backbone state "
-        f"(first keys: {_show(list(backbone_state), limit=5)})")
-
-
-def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """load_state_dict that reports every missing, unexpected and misshaped key as one CheckpointError."""
-    expected = module.state_dict()
-    missing = list(expected.keys() - state.keys())
-    unexpected = list(state.keys() - expected.keys())
-    misshaped = [f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                 for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {_show(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys {_show(unexpected)}")
-        if misshaped:
-            problems.append(f"misshaped tensors {_show(misshaped)}")
-        raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------- folders
@@ -157,35 +86,63 @@ def _relational_shape(state: Mapping[str, Tensor], source: str) -> tuple[int, in
     return feat_dim, embed_dim, depth, n_outputs
 
 
-def _read_iteration(path: str) -> int | None:
-    """Iteration number stored in last_checkpoint.txt, or None when the file does not exist."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
+def _parse_iteration(text: str, path: str) -> int:
+    """The iteration number held by last_checkpoint.txt's text."""
     try:
-        return int(text)
+        return int(text.strip())
     except ValueError as exc:
-        raise CheckpointError(f"{path} should hold an iteration number; got {text[:50]!r}") from exc
+        raise CheckpointError(f"{path} should hold an iteration number; got {text.strip()[:50]!r}") from exc
+
+
+def resolve_checkpoint_dir(folder: str) -> str:
+    """The directory holding `folder`'s checkpoint: its `checkpoints/last` generation, resolved once, or itself."""
+    link = os.path.join(folder, CHECKPOINTS_DIR, LAST_LINK)
+    if not os.path.lexists(link):
+        return os.path.abspath(folder)
+    target = os.path.realpath(link)
+    if not os.path.isdir(target):
+        raise CheckpointError(f"{link} points to {target}, which is not a folder")
+    return target
+
+
+def _open_for_reading(path: str) -> IO[bytes]:
+    """open(path, 'rb'), with a missing file reported as a CheckpointError naming it."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint file not found: {path}") from exc
 
 
 def load_model_folder(folder: str, n_heads: int = 12, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild backbone and relational module from a checkpoint folder (strict); both returned in eval mode."""
+    """Rebuild backbone and relational module from a checkpoint folder (strict); both returned in eval mode.
+
+    A run folder's `checkpoints/last` is resolved once and every file is read from that generation.
+    """
     folder = str(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"checkpoint folder not found: {folder}")
-    absent = [n for n in (FEATURE_EXTRACTOR_FILE, RELATIONAL_FILE) if not os.path.isfile(os.path.join(folder, n))]
+    source = resolve_checkpoint_dir(folder)
+    absent = [n for n in (FEATURE_EXTRACTOR_FILE, RELATIONAL_FILE) if not os.path.isfile(os.path.join(source, n))]
     if absent:
-        raise CheckpointError(f"checkpoint folder {folder} lacks {absent}")
+        raise CheckpointError(f"checkpoint folder {source} lacks {absent}")
+    backbone_path = os.path.join(source, FEATURE_EXTRACTOR_FILE)
+    relational_path = os.path.join(source, RELATIONAL_FILE)
+    last_path = os.path.join(source, LAST_CHECKPOINT_FILE)
 
-    backbone_path = os.path.join(folder, FEATURE_EXTRACTOR_FILE)
-    backbone_state = backbone_state_from_any(read_state_file(backbone_path, map_location=device))
+    # Every file is opened before any is read: a generation pruned meanwhile by a running training
+    # stays readable through the open handles, so the three files always come from one generation.
+    with contextlib.ExitStack() as stack:
+        backbone_file = stack.enter_context(_open_for_reading(backbone_path))
+        relational_file = stack.enter_context(_open_for_reading(relational_path))
+        last_file = stack.enter_context(_open_for_reading(last_path)) if os.path.isfile(last_path) else None
+        iteration = None if last_file is None else _parse_iteration(last_file.read().decode("utf-8", "replace"),
+                                                                    last_path)
+        backbone_state = backbone_state_from_any(read_state_file(backbone_path, device, handle=backbone_file))
+        relational_state = read_state_file(relational_path, device, handle=relational_file)
+
     network = infer_network(backbone_state)
     backbone = ResNetBackbone(network, weights=None)
     load_state_strict(backbone, backbone_state, source=backbone_path)
-
-    relational_path = os.path.join(folder, RELATIONAL_FILE)
-    relational_state = read_state_file(relational_path, map_location=device)
     feat_dim, embed_dim, depth, n_outputs = _relational_shape(relational_state, relational_path)
     if feat_dim != NETWORKS[network]:
         raise CheckpointError(
@@ -200,8 +157,9 @@ def load_model_folder(folder: str, n_heads: int = 12, device: str | torch.device
         relational=relational.to(device).eval(),
         network=network,
         objective=relational.objective,
-        iteration=_read_iteration(os.path.join(folder, LAST_CHECKPOINT_FILE)),
+        iteration=iteration,
         folder=folder,
+        source=source,
     )
 
 
@@ -226,6 +184,10 @@ def save_model_folder(folder: str, backbone: ResNetBackbone, relational: Relatio
                                   or iteration < 0):
         raise ValueError(f"iteration must be a non-negative int or None; got {iteration!r}")
     folder = str(folder)
+    if os.path.lexists(os.path.join(folder, CHECKPOINTS_DIR, LAST_LINK)):
+        # Its top-level names are links into the last generation: replacing them would mix generations.
+        raise CheckpointError(f"{folder} is a training run folder (it has {CHECKPOINTS_DIR}/{LAST_LINK}); "
+                              "save_model_folder writes plain authors' folders only")
     os.makedirs(folder, exist_ok=True)
     last_path = os.path.join(folder, LAST_CHECKPOINT_FILE)
     # Every file is written before any is replaced, so a failure while serialising changes nothing.

@@ -1,10 +1,13 @@
 """Tests for evaluation.api.NoveltyDetector, the plug-and-play Python API."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from evaluation.api import NoveltyDetector
+from evaluation.run_settings import RunSettingsError
 from models.checkpoint import load_model_folder
 from tests.authors_reference import reference_features, reference_resend
 from tests.conftest import save_informative_checkpoint
@@ -64,3 +67,29 @@ def test_detector_bad_use(checkpoint, images):
         detector.fit(torch.zeros(6, 16), labels)
     with pytest.raises(ValueError, match="no images"):
         detector.features([])
+
+
+def test_from_folder_takes_the_run_settings_from_args_json(checkpoint, capsys):
+    """The authors' folder (no args.json) keeps 224 px and 12 heads; a run folder's args.json decides both."""
+    detector = NoveltyDetector.from_folder(str(checkpoint))
+    assert capsys.readouterr().out == (f"no args.json in {checkpoint}: using image_size=224, n_heads=12\n"
+                                       f"loaded iteration 7 from {checkpoint}\n")
+    assert (detector.settings["image_size"], detector.settings["n_heads"], detector.settings["run_args"]) == \
+        (224, 12, None)
+    assert detector.settings["iteration"] == 7 and detector.settings["depth"] == 2
+
+    (checkpoint / "args.json").write_text(json.dumps({"image_size": IMAGE_SIZE, "transf_n_heads": 6}))
+    detector = NoveltyDetector.from_folder(str(checkpoint))
+    assert capsys.readouterr().out.splitlines()[0] == \
+        f"settings of the run from {checkpoint}/args.json: image_size {IMAGE_SIZE}, transf_n_heads 6"
+    assert detector.image_size == IMAGE_SIZE and detector.model.relational.blocks[0].attn.num_heads == 6
+    assert detector.settings["n_heads"] == 6 and detector.settings["overrides"] == {}
+
+    detector = NoveltyDetector.from_folder(str(checkpoint), n_heads=12, verbose=False)
+    assert capsys.readouterr().out == ""
+    assert detector.model.relational.blocks[0].attn.num_heads == 12
+    assert detector.settings["overrides"] == {"transf_n_heads": {"run": 6, "given": 12}}
+
+    (checkpoint / "args.json").write_text("{")
+    with pytest.raises(RunSettingsError, match=f"cannot read the run's settings {checkpoint}/args.json"):
+        NoveltyDetector.from_folder(str(checkpoint))

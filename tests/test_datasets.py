@@ -101,13 +101,35 @@ def test_check_files_exist_names_missing_paths(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Image loading and datasets.
 
-def test_truncated_jpeg_loads(tmp_path):
+def _noise_jpeg(path, size=64):
+    """A JPEG of random pixels (long enough that truncating it loses image data)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG")
+    return path.read_bytes()
+
+
+def test_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "cut.jpg"
-    _write_image(path, size=(16, 16), fmt="JPEG")
-    data = path.read_bytes()
-    path.write_bytes(data[:-50])
-    image = load_image(str(path))
-    assert image.mode == "RGB" and image.size == (16, 16)
+    data = _noise_jpeg(path)
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(DataError, match=re.escape(f"cannot read image {path}: image file is truncated")):
+        load_image(str(path))
+
+
+def test_jpeg_missing_only_its_end_marker_is_refused_too(tmp_path):
+    path = tmp_path / "no_eoi.jpg"
+    data = _noise_jpeg(path)
+    assert data.endswith(b"\xff\xd9")
+    path.write_bytes(data[:-2])
+    with pytest.raises(DataError, match=re.escape(f"cannot read image {path}: image file is truncated")):
+        load_image(str(path))
+
+
+def test_list_file_that_is_not_text_names_file_and_line(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_bytes(b"a/img.jpg 0\n\x89PNG\x00\xff\xfe garbage\n")
+    with pytest.raises(DataError, match=re.escape(f"{list_path}, line 2: not UTF-8 text")):
+        read_list_file(str(list_path), str(tmp_path))
 
 
 @pytest.mark.parametrize("content", [b"this is not an image", None])
@@ -286,3 +308,23 @@ def test_train_samples_dispatch(image_tree, tmp_path):
     assert all("/photo/" in path for path, _ in support)
     with pytest.raises(DataError, match="'Nope'.*ImageNet, Folder, PACS_DG"):
         train_samples("Nope", str(root))
+
+
+def test_load_truncated_images_decodes_them_grey_filled_with_a_warning(tmp_path):
+    from datasets.image_lists import load_truncated_images
+    path = tmp_path / "cut.jpg"
+    data = _noise_jpeg(path)
+    whole = np.asarray(load_image(str(path))).astype(int)
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    load_truncated_images(True)
+    try:
+        with pytest.warns(UserWarning, match=re.escape(f"{path} is truncated")):
+            cut = np.asarray(load_image(str(path))).astype(int)
+    finally:
+        load_truncated_images(False)
+    assert cut.shape == whole.shape
+    # The top rows decode as before, the rows past the cut are Pillow's grey fill.
+    assert np.abs(cut[:8] - whole[:8]).mean() < 3
+    assert np.abs(cut[-8:] - 128).max() <= 1
+    with pytest.raises(DataError, match="truncated"):
+        load_image(str(path))

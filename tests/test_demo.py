@@ -1,9 +1,13 @@
 """A shortened `train.py --demo`: embedded Digits, training, both targets, table, files, figures."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 import train
+from evaluation.groups import latest_group
+from models.checkpoint import load_model_folder
 
 SHORT_DEMO_ITERATIONS = "160"
 
@@ -27,16 +31,23 @@ def test_demo_settings_fill_only_flags_not_given():
         train.parse_command_line(["--demo", "--dataset", "PACS_DG"])
 
 
-def test_demo_writes_run_folder_and_beats_chance_on_seen(demo_run, capsys):
+def test_demo_writes_run_folder_and_beats_chance_on_seen(demo_run):
     args, folder = demo_run
-    for name in ("feature_extractor.pkl", "cls_rel.pkl", "checkpoint.pth", "out.txt", "figures/roc.png",
-                 "figures/score_histograms.png", "eval/Digits_seen_scores.csv", "eval/Digits_summary.csv"):
+    for name in ("args.json", "out.txt", "figures/roc.png", "figures/score_histograms.png"):
         assert (folder / name).is_file(), name
-    seen = json.loads((folder / "eval" / "Digits_seen.json").read_text())
-    novel = json.loads((folder / "eval" / "Digits_novel.json").read_text())
+    assert load_model_folder(str(folder)).iteration == int(SHORT_DEMO_ITERATIONS)
+    # The final periodic evaluation is one group, named by its iteration and settings hash.
+    group = Path(latest_group(str(folder), kind="periodic", iteration=int(SHORT_DEMO_ITERATIONS)).path)
+    assert re.fullmatch(rf"Digits_it{SHORT_DEMO_ITERATIONS}_[0-9a-f]{{8}}", group.name)
+    for name in ("manifest.json", "Digits_seen_scores.csv", "Digits_summary.csv", "Digits_novel_knn.json"):
+        assert (group / name).is_file(), name
+    seen = json.loads((group / "Digits_seen.json").read_text())
+    novel = json.loads((group / "Digits_novel.json").read_text())
     assert seen["n_known"] == 270 and seen["n_unknown"] == 896
     assert novel["n_known"] == 270 and novel["n_unknown"] == 354
     assert seen["auroc"] > 0.65, seen["auroc"]
+    assert seen["settings"]["image_size"] == 32 and seen["settings"]["iteration"] == int(SHORT_DEMO_ITERATIONS)
     # The baselines run on the same features and appear in the same table.
-    summary = json.loads((folder / "eval" / "Digits_summary.json").read_text())
+    summary = json.loads((group / "Digits_summary.json").read_text())
     assert {row["method"] for row in summary["auroc"]} >= {"resend", "prototype_cosine", "mahalanobis"}
+    assert summary["auroc"][0]["seen"] == seen["auroc"]

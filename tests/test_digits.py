@@ -6,9 +6,20 @@ import pytest
 from PIL import Image
 
 import datasets.digits as digits
-from datasets.digits import (DIGITS_TARGETS, MANIFEST_FILE, digits_eval_split,
-                             digits_list_file_names, digits_train_samples, prepare_digits)
+from datasets.benchmarks import dataset_targets, get_eval_split, list_file_names
+from datasets.digits import MANIFEST_FILE, prepare_digits
 from datasets.image_lists import DataError, write_list_file
+from datasets.train_lists import train_samples
+
+
+def digits_eval_split(target, data_root, path_to_txt=None):
+    """The Digits split through the benchmark table, as the evaluation reads it."""
+    return get_eval_split("Digits", target, data_root, path_to_txt)
+
+
+def digits_train_samples(data_root):
+    """The Digits training set through the training-set table, as training reads it."""
+    return train_samples("Digits", data_root)
 
 EXPECTED_COUNTS = {
     "train/0": 125, "train/1": 127, "train/2": 124, "train/3": 128, "train/4": 127,
@@ -154,7 +165,7 @@ def test_seen_unknowns_are_every_image_of_5_to_9(data_root):
 
 def test_split_from_list_files(data_root, tmp_path):
     split = digits_eval_split("novel", data_root)
-    support_name, scored_name = digits_list_file_names("novel")
+    support_name, scored_name = list_file_names("Digits", "novel")
     assert (support_name, scored_name) == ("novel_support.txt", "novel.txt")
     write_list_file(str(tmp_path / "Digits" / support_name), split.support[:4], data_root)
     write_list_file(str(tmp_path / "Digits" / scored_name), split.scored[-3:], data_root)
@@ -172,14 +183,14 @@ def test_errors(data_root, tmp_path):
     with pytest.raises(DataError, match="seen, novel"):
         digits_eval_split("unseen", data_root)
     with pytest.raises(DataError, match="seen, novel"):
-        digits_list_file_names("all")
+        list_file_names("Digits", "all")
     with pytest.raises(DataError, match="python train.py --demo"):
         digits_eval_split("novel", str(tmp_path))
     with pytest.raises(DataError, match="prepare_digits"):
         digits_train_samples(str(tmp_path))
     with pytest.raises(DataError, match="data root"):
         digits_eval_split("seen", None)
-    assert DIGITS_TARGETS == ("seen", "novel")
+    assert dataset_targets("Digits") == ["seen", "novel"]
 
 
 def test_tampered_tree_is_refused(tmp_path):

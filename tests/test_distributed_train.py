@@ -134,9 +134,11 @@ def test_one_process_resumes_a_two_process_checkpoint(restarted_run, data, tmp_p
     checked(restarted_run["result"])
     # The single process draws other shards than the two did, so only continuation is checked.
     folder = tmp_path / RUN_FOLDER
-    shutil.copytree(restarted_run["folder"], folder)
+    shutil.copytree(restarted_run["folder"], folder, symlinks=True)  # keeps checkpoints/last a link
     before, _ = checkpoint_fingerprint(folder)
-    run_here(train_argv(data, tmp_path / "unused", "--iterations", "5", "--resume", str(folder)))
+    # One more iteration than the checkpoint's run: a change of --iterations needs --resume_override.
+    run_here(train_argv(data, tmp_path / "unused", "--iterations", "5", "--resume", str(folder),
+                        "--resume_override"))
     assert f"resumed from {folder} at iteration 4" in (folder / "out.txt").read_text()
     after, iteration = checkpoint_fingerprint(folder)
     assert iteration == 5 and after != before
@@ -148,10 +150,13 @@ def test_auto_resume_keeps_the_folder_of_an_attempt_that_died_before_its_first_c
     args = train.get_args_parser().parse_args(
         ["--dataset", "Folder", "--checkpoint_folder_path", str(tmp_path), "--auto_resume", "--device", "cpu"])
     base = tmp_path / RUN_FOLDER
-    base.mkdir()
-    assert prepare_run_folder(args) == (str(base), None)
-    (base / TRAIN_STATE_FILE).write_bytes(b"")
-    assert prepare_run_folder(args) == (str(base), str(base))
+    first = prepare_run_folder(args)
+    assert (first.path, first.created, first.resume_state) == (str(base), True, None)
+    # What an attempt writes before its first checkpoint does not make the folder foreign.
+    (base / "out.txt").write_text("attempt 0\n")
+    (base / "tensorboard").mkdir()
+    again = prepare_run_folder(args)
+    assert (again.path, again.created, again.resume_state) == (str(base), False, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_FOLDER]
 
 
@@ -294,24 +299,31 @@ def test_two_process_only_eval_gives_the_single_process_results(data, tmp_path):
     shutil.copytree(single, double)
 
     checked(run_command([*TORCHRUN, "train.py", *eval_argv(data, double)], timeout=LAUNCH_TIMEOUT))
-    run_here(eval_argv(data, single))
+    # parse_command_line records the explicit flags, which --only_eval needs.
+    train.main(train.parse_command_line(eval_argv(data, single)))
 
-    one = json.loads((single / "eval" / "Folder_custom.json").read_text())
-    two = json.loads((double / "eval" / "Folder_custom.json").read_text())
+    # Same settings, so the same group name in both folders (the hash does not cover the folder).
+    (group,) = os.listdir(single / "eval")
+    assert os.listdir(double / "eval") == [group] and group.startswith("Folder_it3_")
+    one = json.loads((single / "eval" / group / "Folder_custom.json").read_text())
+    two = json.loads((double / "eval" / group / "Folder_custom.json").read_text())
     assert one["n_known"] + one["n_unknown"] == N_SCORED and one["n_unknown"] == 7
     for key in ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc", "n_known", "n_unknown",
                 "n_support", "extra_metrics"):
         assert two[key] == one[key], key
-    assert {**two["settings"], "checkpoint": None} == {**one["settings"], "checkpoint": None}
-    rows_one = _read_csv(single / "eval" / "Folder_custom_scores.csv")
-    rows_two = _read_csv(double / "eval" / "Folder_custom_scores.csv")
+    where = {"checkpoint": None, "loaded_from": None}
+    assert {**two["settings"], **where} == {**one["settings"], **where}
+    rows_one = _read_csv(single / "eval" / group / "Folder_custom_scores.csv")
+    rows_two = _read_csv(double / "eval" / group / "Folder_custom_scores.csv")
     assert len(rows_one) == len(rows_two) == N_SCORED
     for a, b in zip(rows_one, rows_two):
         assert (a["path"], a["label"], a["known"], a["pred"]) == (b["path"], b["label"], b["known"], b["pred"])
         assert abs(float(a["normality"]) - float(b["normality"])) <= 1e-6, (a, b)
     # Rank 0 alone wrote: one TensorBoard event file, no stray temp files.
     assert len(os.listdir(double / "tensorboard")) == 1
-    assert sorted(os.listdir(double / "eval")) == ["Folder_custom.json", "Folder_custom_scores.csv"]
+    assert sorted(os.listdir(double / "eval" / group)) == ["Folder_custom.json", "Folder_custom_scores.csv",
+                                                           "Folder_summary.csv", "Folder_summary.json",
+                                                           "manifest.json"]
 
 
 # --- launchers and bad input -----------------------------------------------------------------------
@@ -328,7 +340,9 @@ def test_torch_distributed_launch_with_local_rank_flag_trains_and_evaluates(data
     assert "it 1/1" in (folder / "out.txt").read_text()
     assert load_model_folder(str(folder)).iteration == 1
     # The periodic evaluation at the last iteration ran sharded and was written once, by rank 0.
-    record = json.loads((folder / "eval" / "Folder_custom.json").read_text())
+    (group,) = os.listdir(folder / "eval")
+    assert group.startswith("Folder_it1_")
+    record = json.loads((folder / "eval" / group / "Folder_custom.json").read_text())
     assert record["n_known"] + record["n_unknown"] == N_SCORED and record["settings"]["iteration"] == 1
 
 
@@ -342,11 +356,12 @@ def test_world_size_without_rank_fails_fast_with_a_clear_error(data, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--accum_steps", "--batch_size"])
-def test_zero_accum_steps_or_batch_size_is_refused_before_writing(data, tmp_path, flag):
+def test_zero_accum_steps_or_batch_size_is_refused_before_writing(data, tmp_path, flag, capsys):
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=f"{flag} must be at least 1"):
+    with pytest.raises(SystemExit):
         run_here(train_argv(data, out, "--iterations", "2", flag, "0"))
-    assert not out.exists() or os.listdir(out) in ([], [".cache"])
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_sync_bn_on_the_cpu_is_refused(data, tmp_path):

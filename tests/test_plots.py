@@ -101,3 +101,16 @@ def test_plots_from_eval_dir_errors(tmp_path):
     with pytest.raises(ValueError, match="line 3: known=1 contradicts label 7"):
         plots_from_eval_dir(str(eval_dir), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_read_eval_dir_reads_a_result_group(tmp_path):
+    """A group also holds the manifest and the summary files; only the per-target pairs are results."""
+    group = tmp_path / "eval" / "Digits_it300_0123abcd"
+    group.mkdir(parents=True)
+    _write_eval_pair(group, "Digits_seen", [(0, 0.9), (4, 0.1), (1, 0.7)], 3)
+    _write_eval_pair(group, "Digits_novel", [(0, 0.2), (3, 0.6)], 3)
+    (group / "Digits_summary.json").write_text(json.dumps({"auroc": []}))
+    (group / "Digits_summary.csv").write_text("metric,method,seen,novel,average\n")
+    (group / "manifest.json").write_text(json.dumps({"hash": "0123abcd"}))
+    records = read_eval_dir(str(group))
+    assert [(r.target, r.labels.tolist()) for r in records] == [("novel", [0, 3]), ("seen", [0, 4, 1])]

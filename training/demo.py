@@ -10,8 +10,9 @@ import os
 from typing import Dict, Iterable
 
 from datasets.digits import prepare_digits
-from evaluation.evaluate import format_table
-from evaluation.plots import plot_roc, plot_score_histograms
+from evaluation.report import format_table
+from evaluation.groups import latest_group
+from evaluation.plots import plot_roc, plot_score_histograms, read_eval_dir
 from utils.distributed import barrier, is_main_process
 
 # Each value is applied unless the same flag was given on the command line.
@@ -78,10 +79,17 @@ def run_demo(args: argparse.Namespace) -> str:
     barrier()  # the other processes read the tree rank 0 has just written
     folder, results = run_training(args)
     if is_main_process() and results:
-        print(format_table(results))
+        print(format_table(results), flush=True)
+        # The figures are drawn from the files of the final evaluation, as media/make_demo_figures.py does.
+        group = latest_group(folder, kind="periodic", dataset=args.dataset, iteration=args.iterations).path
         figures = os.path.join(folder, "figures")
-        roc = plot_roc(results, os.path.join(figures, "roc.png"))
-        histograms = plot_score_histograms(results, os.path.join(figures, "score_histograms.png"))
-        print(f"run folder: {folder}\nfigures: {roc}, {histograms}\n"
+        try:
+            records = read_eval_dir(group)
+            drawn = [plot_roc(records, os.path.join(figures, "roc.png")),
+                     plot_score_histograms(records, os.path.join(figures, "score_histograms.png"))]
+        except OSError as error:
+            print(f"warning: figures not written to {figures}: {error.strerror or error}", flush=True)
+            drawn = []
+        print(f"run folder: {folder}\nresults: {group}\nfigures: {', '.join(drawn) or 'none'}\n"
               f"TensorBoard: tensorboard --logdir {os.path.join(folder, 'tensorboard')}")
     return folder

@@ -1,14 +1,49 @@
-"""The run folder: its name (as the authors name it), creation without overwriting, saved arguments."""
+"""The run folder: its name (as the authors name it), race-free creation, resume checks, saved arguments."""
 import argparse
 import json
 import os
-from typing import Optional, Tuple
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import yaml
 
-from training.state import TRAIN_STATE_FILE
-from utils.atomic_files import atomic_write_text
+from models.checkpoint import CHECKPOINTS_DIR, TRAIN_STATE_FILE
+from training.state import (
+    ResumeMismatchError, find_resume_state, format_differences, load_training_state, read_best_score,
+    recorded_differences, resume_differences,
+)
+from utils.atomic_files import TempSweep, atomic_write_text, remove_stale_temps
 from utils.distributed import broadcast_object, is_main_process
+
+ARGS_FILE = "args.json"
+# What an attempt of a run writes before its first checkpoint: --auto_resume may reuse a folder
+# holding only these (and temp files); anything else was put there by someone else.
+_WRITTEN_BEFORE_FIRST_CHECKPOINT = ("out.txt", ARGS_FILE, "args.yaml", "tensorboard", CHECKPOINTS_DIR, "eval")
+# Lists in args.json that keep every earlier resume's differences, so that no old value is lost.
+_HISTORY_KEYS = ("resume_overrides", "resume_changes")
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used: foreign files, an unreadable args.json, a file in the way."""
+
+
+@dataclass
+class RunFolder:
+    """Where a training run writes, and what it resumes from (decided on rank 0, shared with every rank)."""
+
+    path: str
+    created: bool  # this run made the folder: it may remove it again after a failed start
+    resume_state: Optional[str] = None  # the checkpoint.pth a resume reads (in the resolved generation)
+    resume_iteration: Optional[int] = None
+    resume_generation: Optional[str] = None  # its generation folder (the run folder for an older flat one)
+    overridden: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)  # refused differences, overridden
+    changed: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)  # differences a resume accepts
+    history: Dict[str, List[Any]] = field(default_factory=dict)  # resume records of the earlier args.json
+    best: Optional[Dict[str, Any]] = None  # score record of checkpoints/best
+    warnings: List[str] = field(default_factory=list)  # to log once the text log exists
+    swept: TempSweep = field(default_factory=TempSweep)
 
 
 def run_folder_name(args: argparse.Namespace) -> str:
@@ -22,51 +57,175 @@ def run_folder_name(args: argparse.Namespace) -> str:
     return "_".join(parts)
 
 
-def _decide_run_folder(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
-    """(folder to write, folder to resume from or None); raises on an impossible resume."""
+def _read_args_json(folder: str) -> Optional[Dict[str, Any]]:
+    """The folder's args.json, or None when it has none."""
+    path = os.path.join(folder, ARGS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise RunFolderError(f"cannot read {path} ({type(error).__name__}: {error}); "
+                             "it keeps the run's settings: repair or remove it") from error
+    if not isinstance(record, dict):
+        raise RunFolderError(f"{path} holds a {type(record).__name__}, not the run's settings")
+    return record
+
+
+def _history(folder: str) -> Dict[str, List[Any]]:
+    """The resume records of the folder's args.json (empty when it has none)."""
+    record = _read_args_json(folder) or {}
+    return {key: list(record.get(key, [])) for key in _HISTORY_KEYS}
+
+
+def _resumed(folder: str, state_path: str, args: argparse.Namespace, flag: str) -> RunFolder:
+    """A resume of `folder` from `state_path`, after comparing the arguments (nothing is written here)."""
+    state = load_training_state(state_path, torch.device("cpu"), mmap=True)
+    stored = state.get("args")
+    refused, changed = resume_differences(stored if isinstance(stored, dict) else {}, args)
+    if refused and not args.resume_override:
+        raise ResumeMismatchError(
+            f"{flag}: {state_path} was trained with other settings: {format_differences(refused)}; "
+            "resume with the same flags, or add --resume_override to continue with the new ones "
+            f"(recorded in {ARGS_FILE})")
+    generation = os.path.dirname(state_path)
+    best, warning = read_best_score(folder)
+    return RunFolder(path=folder, created=False, resume_state=state_path, resume_iteration=int(state["iteration"]),
+                     resume_generation=generation, overridden=refused, changed=changed, history=_history(folder),
+                     best=best, warnings=[warning] if warning else [])
+
+
+def _foreign_entries(folder: str) -> List[str]:
+    """Entries of `folder` that no attempt of a run writes before its first checkpoint."""
+    return sorted(name for name in os.listdir(folder)
+                  if name not in _WRITTEN_BEFORE_FIRST_CHECKPOINT and not name.startswith(".tmp"))
+
+
+def _reuse_for_auto_resume(folder: str, args: argparse.Namespace) -> RunFolder:
+    """An existing folder without a checkpoint: reused only if an earlier attempt of this run left it."""
+    if not os.path.isdir(folder):
+        raise RunFolderError(f"--auto_resume: {folder} exists and is not a folder")
+    foreign = _foreign_entries(folder)
+    if foreign:
+        raise RunFolderError(
+            f"--auto_resume: {folder} holds files this project's training did not write ({', '.join(foreign)}) "
+            "and no checkpoint to resume; they are left untouched: move them elsewhere, or choose another "
+            "--checkpoint_folder_path or --suffix")
+    earlier = _read_args_json(folder)
+    if earlier is not None:
+        # Only what the earlier attempt recorded: an args.json of another version may hold fewer settings.
+        refused, _ = resume_differences(earlier, args, unrecorded_differ=False)
+        if refused and not args.resume_override:
+            raise RunFolderError(
+                f"--auto_resume: {os.path.join(folder, ARGS_FILE)} belongs to a run with other settings "
+                f"({format_differences(refused)}) that saved no checkpoint; remove that folder or use "
+                "another --suffix")
+    return RunFolder(path=folder, created=False, history=_history(folder))
+
+
+def _create_new(base: str) -> RunFolder:
+    """The first of `<base>`, `<base>_1`, ... that this process creates itself (atomic mkdir, no check-then-create)."""
+    n = 0
+    while True:
+        folder = base if n == 0 else f"{base}_{n}"
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            n += 1
+            continue
+        return RunFolder(path=folder, created=True)
+
+
+def claim_run_folder(args: argparse.Namespace) -> RunFolder:
+    """Decide (and create, if new) the run folder; every check runs before anything is written (rank 0)."""
     base = os.path.join(args.checkpoint_folder_path, run_folder_name(args))
     if args.resume is not None:
         folder = base if args.resume == "auto" else args.resume
-        state = os.path.join(folder, TRAIN_STATE_FILE)
-        if not os.path.isfile(state):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--resume: run folder {folder!r} does not exist ({TRAIN_STATE_FILE} expected)")
+        if os.path.basename(os.path.dirname(os.path.realpath(folder))) == CHECKPOINTS_DIR:
+            # Training there would turn a generation (perhaps `best`) into a run folder of its own.
+            raise RunFolderError(f"--resume: {folder} is a checkpoint generation; give its run folder "
+                                 f"(the folder above {CHECKPOINTS_DIR}/)")
+        state_path = find_resume_state(folder)
+        if state_path is None:
             raise FileNotFoundError(f"--resume: no {TRAIN_STATE_FILE} in {folder!r}; "
                                     "a run folder written by this project's training is expected")
-        return folder, folder
-    if args.auto_resume:
+        run = _resumed(folder, state_path, args, "--resume")
+    elif args.auto_resume:
         # Every attempt of a restarted job must use the same folder, also when an attempt died before
         # its first checkpoint: a fresh `<base>_<n>` would hide later checkpoints from later attempts.
-        has_state = os.path.isfile(os.path.join(base, TRAIN_STATE_FILE))
-        return base, (base if has_state else None)
-    # Never overwrite an earlier run: the first free `<base>_<n>` is used instead.
-    folder, n = base, 1
-    while os.path.exists(folder):
-        folder = f"{base}_{n}"
-        n += 1
-    return folder, None
+        os.makedirs(args.checkpoint_folder_path, exist_ok=True)
+        try:
+            os.mkdir(base)
+            return RunFolder(path=base, created=True)
+        except FileExistsError:
+            pass
+        state_path = find_resume_state(base) if os.path.isdir(base) else None
+        run = (_resumed(base, state_path, args, "--auto_resume") if state_path is not None
+               else _reuse_for_auto_resume(base, args))
+    else:
+        os.makedirs(args.checkpoint_folder_path, exist_ok=True)
+        return _create_new(base)
+    # Only in a folder that existed before: temps of killed writers (this host, dead process) go.
+    run.swept = remove_stale_temps(run.path)
+    return run
 
 
-def prepare_run_folder(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
-    """Decide the run folder on rank 0, create it there, and give every rank the same answer."""
-    decision: Tuple[Optional[str], Optional[str], Optional[str]] = (None, None, None)
+def prepare_run_folder(args: argparse.Namespace) -> RunFolder:
+    """Claim the run folder on rank 0 and give every rank the same answer (or the same error)."""
+    decision: Tuple[Optional[RunFolder], Optional[BaseException]] = (None, None)
     if is_main_process():
         try:
-            folder, resume_from = _decide_run_folder(args)
-            os.makedirs(folder, exist_ok=True)
-            decision = (folder, resume_from, None)
+            decision = (claim_run_folder(args), None)
         except (OSError, ValueError) as error:
-            decision = (None, None, f"{type(error).__name__}: {error}")
-    # Broadcast the error too, so that every rank stops with the same message instead of hanging.
-    folder, resume_from, error = broadcast_object(decision)
+            decision = (None, error)
+    # The error is shared too, so that every rank stops with the same message instead of hanging.
+    run, error = broadcast_object(decision)
     if error is not None:
-        raise RuntimeError(error)
-    return folder, resume_from
+        raise error
+    return run
 
 
-def save_args(folder: str, args: argparse.Namespace) -> None:
-    """The resolved arguments as `args.json` and `args.yaml` (rank 0 only)."""
+def remove_created_run_folder(run: RunFolder) -> bool:
+    """Delete the run folder if this run created it (rank 0); a folder that existed before is never touched."""
+    if not run.created or not is_main_process() or not os.path.isdir(run.path):
+        return False
+    shutil.rmtree(run.path)
+    return True
+
+
+def resume_record(run: RunFolder) -> Dict[str, List[Any]]:
+    """The resume lists of args.json: the earlier ones plus this resume's differences, if any."""
+    history = {key: list(run.history.get(key, [])) for key in _HISTORY_KEYS}
+    for key, differences in (("resume_overrides", run.overridden), ("resume_changes", run.changed)):
+        if differences:
+            history[key].append({"iteration": run.resume_iteration, "checkpoint": run.resume_state,
+                                 "settings": recorded_differences(differences)})
+    return {key: value for key, value in history.items() if value}
+
+
+def save_args(run: RunFolder, args: argparse.Namespace) -> None:
+    """The resolved arguments as `args.json` and `args.yaml`, with every resume's differences (rank 0 only)."""
     if not is_main_process():
         return
-    plain = {key: (str(value) if not isinstance(value, (int, float, str, bool, type(None), list)) else value)
-             for key, value in sorted(vars(args).items())}
-    atomic_write_text(os.path.join(folder, "args.json"), json.dumps(plain, indent=2) + "\n")
-    atomic_write_text(os.path.join(folder, "args.yaml"), yaml.safe_dump(plain, sort_keys=True))
+    plain: Dict[str, Any] = {
+        key: (str(value) if not isinstance(value, (int, float, str, bool, type(None), list)) else value)
+        for key, value in sorted(vars(args).items())}
+    plain.update(resume_record(run))
+    atomic_write_text(os.path.join(run.path, ARGS_FILE), json.dumps(plain, indent=2) + "\n")
+    atomic_write_text(os.path.join(run.path, "args.yaml"), yaml.safe_dump(plain, sort_keys=True))
+
+
+def describe_resume(run: RunFolder) -> Optional[str]:
+    """The log line of a resume: where from, and what changed (None for a fresh run)."""
+    if run.resume_state is None:
+        return None
+    line = f"resumed from {run.path} at iteration {run.resume_iteration} ({run.resume_generation})"
+    if run.overridden:
+        line += f"; --resume_override: {format_differences(run.overridden)}"
+    if run.changed:
+        line += f"; changed: {format_differences(run.changed)}"
+    return line
+

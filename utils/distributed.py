@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils.arg_types import positive_float
+
 BACKENDS = ("nccl", "gloo")
 DEVICES = ("cuda", "cpu")
 
@@ -42,7 +44,7 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                        help="GPU of this process on its node (set by the launcher; -1 = not launched)")
     group.add_argument("--dist_backend", default=None, choices=BACKENDS,
                        help="process-group backend (default: nccl on CUDA, gloo on the CPU)")
-    group.add_argument("--dist_timeout_minutes", type=float, default=30.0,
+    group.add_argument("--dist_timeout_minutes", type=positive_float, default=30.0,
                        help="collectives give up after this long, so a crashed rank cannot block the others forever")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=DEVICES,
                        help="compute device (default: cuda when available)")

@@ -1,0 +1,74 @@
+"""Evaluation settings from parsed command-line arguments (shared by --only_eval and training).
+
+Turns the flags into the typed `EvalSettings` the engine takes, picks the scorers, and builds the
+record of every setting that changes a number (written with each result).
+"""
+import argparse
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from evaluation.evaluate import RELATIONAL_SCORERS, EvalSettings
+from evaluation.groups import validate_tag
+from evaluation.run_settings import model_facts
+from evaluation.scorers import SCORERS
+
+
+def scorer_names(args: argparse.Namespace) -> Tuple[str, ...]:
+    """The scorers to run: `--evaluator` (a list, or `all`), else the one the authors' flags select."""
+    if args.most_significant_prototypes and args.knn_distance_evaluator:
+        raise ValueError("choose one of --most_significant_prototypes and --knn_distance_evaluator")
+    if args.evaluator:
+        if args.evaluator == "all":
+            names = [name for name in SCORERS if not (args.backbone_only and name in RELATIONAL_SCORERS)]
+        else:
+            names = [name.strip() for name in args.evaluator.split(",") if name.strip()]
+        unknown = [name for name in names if name not in SCORERS]
+        if unknown or not names:
+            raise ValueError(f"unknown --evaluator {', '.join(unknown) or repr(args.evaluator)}; "
+                             f"valid: {', '.join(SCORERS)}, all")
+        return tuple(dict.fromkeys(names))
+    if args.backbone_only:
+        raise ValueError("--backbone_only scores with post-hoc baselines: give --evaluator "
+                         f"(e.g. all or {', '.join(n for n in SCORERS if n not in RELATIONAL_SCORERS)})")
+    if args.most_significant_prototypes:
+        return ("resend_msp",)
+    if args.knn_distance_evaluator:
+        return ("resend_knn",)
+    return ("resend",)
+
+
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """EvalSettings from the command line (--only_eval replaces image_size with the run's)."""
+    if args.few_shot is not None and args.few_shot <= 0:
+        raise ValueError(f"--few_shot must be a positive number of images per class, got {args.few_shot}")
+    if args.NNK <= 0:
+        raise ValueError(f"--NNK must be positive, got {args.NNK}")
+    if args.eval_batch_size <= 0:
+        raise ValueError(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
+    if args.tag is not None:
+        if not args.only_eval:
+            # Training evaluates many times; one name cannot tell those groups apart.
+            raise ValueError(f"--tag {args.tag} names the result group of --only_eval; periodic evaluations "
+                             "during training are named <dataset>_it<iteration>_<hash8>")
+        validate_tag(args.tag)
+    return EvalSettings(scorers=scorer_names(args), image_size=args.image_size,
+                        batch_size=args.eval_batch_size, num_workers=args.num_workers, amp=args.amp,
+                        few_shot=args.few_shot, seed=args.seed, nnk=args.NNK)
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return None if path is None else os.path.abspath(path)
+
+
+def settings_record(args: argparse.Namespace, settings: EvalSettings, checkpoint: str,
+                    backbone: torch.nn.Module, relational: Optional[torch.nn.Module],
+                    iteration: Optional[int]) -> Dict[str, Any]:
+    """Every setting that changes a number (the architecture read off the modules), and the checkpoint."""
+    return {"checkpoint": os.path.abspath(checkpoint), "iteration": iteration,
+            **model_facts(backbone, relational), "scorers": list(settings.scorers),
+            "image_size": settings.image_size, "amp": settings.amp, "few_shot": settings.few_shot,
+            "seed": settings.seed, "NNK": settings.nnk, "data_root": _absolute(args.data_root),
+            "path_to_txt": _absolute(args.path_to_txt), "source_dir": _absolute(args.source_dir),
+            "target_dir": _absolute(args.target_dir)}

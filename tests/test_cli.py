@@ -1,0 +1,116 @@
+"""The command line: flag ranges refused at parse time, flag combinations refused before any file
+exists, and input errors reported as one line instead of a traceback."""
+import pytest
+
+import train
+
+BAD_VALUES = [
+    ("--image_size", "7", "must be at least 32, got 7"),
+    ("--image_size", "1", "must be at least 32, got 1"),
+    ("--image_size", "big", "expected an integer, got 'big'"),
+    ("--random_horiz_flip", "5", "must be a probability in [0, 1], got 5"),
+    ("--prob_jitter", "-0.1", "must be a probability in [0, 1], got -0.1"),
+    ("--random_grayscale", "1.5", "must be a probability in [0, 1], got 1.5"),
+    ("--sigmoid_compression", "0", "must be positive, got 0"),
+    ("--sigmoid_expansion", "-2", "must be positive, got -2"),
+    ("--momentum", "-5", "must be >= 0, got -5"),
+    ("--weight_decay", "-1", "must be >= 0, got -1"),
+    ("--jitter", "-0.5", "must be >= 0, got -0.5"),
+    ("--learning_rate", "0", "must be positive, got 0"),
+    ("--learning_rate", "nan", "expected a finite number, got 'nan'"),
+    ("--clip_grad", "-1", "must be positive, got -1"),
+    ("--min_scale", "0", "must be an area fraction in (0, 1], got 0"),
+    ("--max_scale", "2", "must be an area fraction in (0, 1], got 2"),
+    ("--batch_size", "0", "must be at least 1, got 0"),
+    ("--accum_steps", "0", "must be at least 1, got 0"),
+    ("--iterations", "-3", "must be at least 1, got -3"),
+    ("--warmup", "-1", "must be at least 0, got -1"),
+    ("--step_after", "0", "must be at least 1, got 0"),
+    ("--neg_to_pos_ratio", "0", "must be at least 1, got 0"),
+    ("--log_period", "0", "must be at least 1, got 0"),
+    ("--save_period", "0", "must be at least 1, got 0"),
+    ("--eval_period", "0", "must be at least 1, got 0"),
+    ("--few_shot", "0", "must be at least 1, got 0"),
+    ("--NNK", "0", "must be at least 1, got 0"),
+    ("--eval_batch_size", "0", "must be at least 1, got 0"),
+    ("--num_workers", "-1", "must be at least 0, got -1"),
+    ("--transf_depth", "0", "must be at least 1, got 0"),
+    ("--transf_n_heads", "0", "must be at least 1, got 0"),
+    ("--dist_timeout_minutes", "0", "must be positive, got 0"),
+]
+
+
+@pytest.mark.parametrize("flag,value,message", BAD_VALUES, ids=[f"{f}={v}" for f, v, _ in BAD_VALUES])
+def test_out_of_range_flags_are_refused_by_the_parser(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.get_args_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_values_at_the_edges_of_each_range_are_accepted():
+    args = train.get_args_parser().parse_args([
+        "--image_size", "32", "--random_horiz_flip", "1", "--prob_jitter", "0", "--momentum", "0",
+        "--weight_decay", "0", "--min_scale", "1", "--max_scale", "1", "--warmup", "0", "--num_workers", "0"])
+    assert (args.image_size, args.random_horiz_flip, args.momentum, args.min_scale) == (32, 1.0, 0.0, 1.0)
+
+
+def test_min_scale_above_max_scale_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "outputs"
+    args = train.get_args_parser().parse_args(["--min_scale", "0.9", "--max_scale", "0.5", "--device", "cpu",
+                                               "--checkpoint_folder_path", str(out)])
+    with pytest.raises(ValueError, match=r"^--min_scale 0.9 is larger than --max_scale 0.5$"):
+        train.main(args)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dataset", ["ImageNet", "Folder", "Digits"])
+def test_target_is_refused_when_training_on_a_dataset_without_targets(dataset, tmp_path):
+    out = tmp_path / "outputs"
+    args = train.get_args_parser().parse_args(["--dataset", dataset, "--target", "Bogus", "--device", "cpu",
+                                               "--checkpoint_folder_path", str(out)])
+    with pytest.raises(ValueError, match=f"^--target Bogus has no meaning when training on {dataset}"):
+        train.main(args)
+    assert not out.exists()
+
+
+def test_input_errors_end_in_one_line_on_stderr(tmp_path, capsys):
+    missing = tmp_path / "no_such_checkpoint"
+    argv = ["--only_eval", "--dataset", "PACS_DG", "--target", "Photo", "--device", "cpu",
+            "--data_root", str(tmp_path), "--checkpoint_folder_path", str(missing)]
+    assert train.run_command_line(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    assert str(tmp_path) in captured.err
+    # --traceback shows where the error came from instead.
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        train.run_command_line(argv + ["--traceback"])
+
+
+def test_interrupt_ends_in_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted)
+    assert train.run_command_line(["--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_help_lists_every_flag_once(capsys):
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--image_size", "--random_horiz_flip", "--traceback", "--min_scale"):
+        assert out.count(f"  {flag} ") == 1, flag
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    # Help lines wrap, so look at each flag's whole entry.
+    entries = [entry for entry in out.split("\n  -") if entry.strip()]
+    repeated = [entry.split()[0] for entry in entries if entry.count("default") > 1]
+    assert repeated == []
+    assert "(default: 224)" in out and "(default: cuda when available)" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
