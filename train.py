@@ -25,8 +25,10 @@ from typing import Sequence, Set
 import torch
 
 from datasets.benchmarks import benchmark_names
+from datasets.image_lists import DataError
 from datasets.image_lists import load_truncated_images
 from datasets.train_lists import training_set_names, training_uses_target
+from evaluation.scorers import SCORERS, scorer_flags
 from utils.distributed import add_distributed_args, cleanup, init_distributed_mode
 from utils.arg_types import (crop_scale, int_at_least, non_negative_float, non_negative_int, positive_float,
                              positive_int, probability)
@@ -36,6 +38,13 @@ CUDA_NUM_WORKERS = 4  # DataLoader processes per GPU process when --num_workers 
 # Exceptions that report bad input (DataError and CheckpointError are ValueErrors; OSError covers
 # missing files and failed writes): shown as one line, since the message names the path or value.
 USER_ERRORS = (ValueError, OSError)
+# Bad arguments and bad data exit with 2 (as argparse does for a bad flag); every other error with 1.
+USAGE_ERRORS = (DataError, FileNotFoundError)
+DEBUG_ERRORS_ENV = "RESEND_DEBUG_ERRORS"
+
+
+class UsageError(ValueError):
+    """Flags that cannot be used together."""
 
 
 def str2bool(value: str) -> bool:
@@ -149,8 +158,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="periodic evaluation benchmark (default: DomainNet_IN_OUT for ImageNet, else none)")
     run.add_argument("--eval_target", default=None, help="target(s) of --eval_dataset")
 
-    run.add_argument("--traceback", action="store_true",
-                     help="on an input error, show the Python traceback instead of the one-line message")
+    run.add_argument("--debug_errors", action="store_true",
+                     help=f"on an input error, show the Python traceback instead of the one-line message "
+                          f"(also with the environment variable {DEBUG_ERRORS_ENV}=1)")
     run.add_argument("--demo", action="store_true",
                      help="train and evaluate on the embedded Digits data (settings: training/demo.py)")
 
@@ -162,11 +172,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                             help="up to NNK prototypes per class (farthest-point selection)")
     evaluation.add_argument("--knn_distance_evaluator", action="store_true",
                             help="score against every support sample; mean of the NNK largest")
-    evaluation.add_argument("--NNK", type=positive_int, default=1, help="K for the two variants above and for knn")
+    # The scorers' hyperparameter flags and the --evaluator choices come from the scorer registry.
+    for flag, entry in scorer_flags().items():
+        evaluation.add_argument(f"--{flag}", type=entry["arg_type"], default=entry["default"],
+                                help=f"{entry['help']}; read by {', '.join(entry['scorers'])}")
     evaluation.add_argument("--evaluator", default=None,
-                            help="scorer(s), comma-separated, or 'all': resend, resend_msp, resend_knn, "
-                                 "prototype_distance, prototype_cosine, knn, mahalanobis, featurenorm, "
-                                 "linear_probe (default: the one the flags above select)")
+                            help=f"scorer(s), comma-separated, or 'all': {', '.join(SCORERS)} "
+                                 "(default: the one the flags above select)")
     evaluation.add_argument("--backbone_only", action="store_true",
                             help="evaluate the baselines on the --backbone_weights backbone alone, no checkpoint")
     evaluation.add_argument("--tag", default=None,
@@ -209,11 +221,11 @@ def resolve_num_workers(args: argparse.Namespace) -> None:
 def check_flag_combinations(args: argparse.Namespace) -> None:
     """Refuse settings that involve several flags; each flag's own range is checked by the parser."""
     if args.min_scale > args.max_scale:
-        raise ValueError(f"--min_scale {args.min_scale} is larger than --max_scale {args.max_scale}")
+        raise UsageError(f"--min_scale {args.min_scale} is larger than --max_scale {args.max_scale}")
     if args.target is not None and not args.only_eval and not training_uses_target(args.dataset):
         # The run folder is named after the target, so an ignored target would still mislabel the run.
         choosers = [name for name in training_set_names() if training_uses_target(name)]
-        raise ValueError(f"--target {args.target} has no meaning when training on {args.dataset}; "
+        raise UsageError(f"--target {args.target} has no meaning when training on {args.dataset}; "
                          f"--target selects the training target of {', '.join(choosers)} "
                          "or, with --only_eval, the target to score")
 
@@ -236,35 +248,36 @@ def main(args: argparse.Namespace) -> None:
             from training.demo import run_demo
             run_demo(args)
         else:
-            from training.loop import run_training
-            run_training(args)
+            from training.main import run_training
+            from training.settings import TrainingSettings
+            run_training(TrainingSettings.from_args(args))
     finally:
         cleanup()
 
 
 def run_command_line(argv: Sequence[str]) -> int:
-    """Parse and run; errors in the user's input end in one line on stderr, not a traceback."""
+    """Parse and run; errors in the user's input end in one line on stderr (exit 2 for bad
+    arguments or data, 1 otherwise), not a traceback; under torchrun only rank 0 prints it."""
     args = parse_command_line(argv)
     try:
         main(args)
     except KeyboardInterrupt as error:
         # Training raises a KeyboardInterrupt subclass whose message names the iteration and the
         # last checkpoint, and whose exit_code follows the signal (130 SIGINT, 143 SIGTERM).
-        print(f"{_rank_prefix()}{str(error) or 'interrupted'}", file=sys.stderr)
+        _report(str(error) or "interrupted")
         return getattr(error, "exit_code", 130)
     except USER_ERRORS as error:
-        if args.traceback:
+        if args.debug_errors or os.environ.get(DEBUG_ERRORS_ENV, "") not in ("", "0"):
             raise
-        print(f"{_rank_prefix()}error: {error}", file=sys.stderr)
-        return 1
+        _report(f"error: {error}")
+        return 2 if isinstance(error, USAGE_ERRORS + (UsageError,)) else 1
     return 0
 
 
-def _rank_prefix() -> str:
-    """'[rank N] ' in a multi-process run (every process reports its own failure), else ''."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ:
-        return f"[rank {os.environ['RANK']}] "
-    return ""
+def _report(line: str) -> None:
+    """Print the final line on stderr, on rank 0 only (every rank of a torchrun job fails alike)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

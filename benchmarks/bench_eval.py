@@ -249,8 +249,8 @@ def pipeline_section(model: LoadedModel, split: EvalSplit, args: argparse.Namesp
           f"{loader_s:.2f} s = {1000 * loader_s / n_images:.2f} ms/img, {n_images / loader_s:.1f} img/s")
     figures["loader_ms"] = 1000 * loader_s / n_images
 
-    print(f"{'(b) evaluate_split':<22} {'wall s':>7} {'ms/img':>7} {'img/s':>7} {'support s':>9} "
-          f"{'target s':>8} {'scoring s':>9} {'scoring %':>9} {'auroc':>7}")
+    print(f"{'(b) evaluate_split':<22} {'wall s':>7} {'ms/img':>7} {'img/s':>7} {'features s':>10} "
+          f"{'scoring s':>9} {'scoring %':>9} {'auroc':>7}")
     results = {}
     for amp in args.amps:
         settings = EvalSettings(image_size=args.image_size, batch_size=args.batch_size,
@@ -260,11 +260,11 @@ def pipeline_section(model: LoadedModel, split: EvalSplit, args: argparse.Namesp
         wall, result = min(runs, key=lambda run: run[0])
         sec = result.seconds
         print(f"{'amp ' + amp:<22} {wall:7.2f} {1000 * wall / n_images:7.2f} {n_images / wall:7.1f} "
-              f"{sec['support_features']:9.2f} {sec['target_features']:8.2f} {sec['scoring']:9.2f} "
+              f"{sec['features']:10.2f} {sec['scoring']:9.2f} "
               f"{100 * sec['scoring'] / wall:8.1f}% {result.metrics['auroc']:7.4f}", flush=True)
         results[amp] = (wall, result)
         figures[f"wall_{amp}"] = wall
-        feature_ms = 1000 * (sec["support_features"] + sec["target_features"]) / n_images
+        feature_ms = 1000 * sec["features"] / n_images
         bound = "data loading is the bottleneck" if loader_s * 1000 / n_images >= 0.8 * feature_ms else \
             "compute-bound (the loader keeps up)"
         print(f"{'':<22} features {feature_ms:.2f} ms/img vs DataLoader alone "

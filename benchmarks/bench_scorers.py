@@ -14,13 +14,13 @@ import torch
 # Runnable as `python benchmarks/bench_scorers.py` from anywhere: the project packages live at the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import evaluation.baselines  # noqa: E402,F401  (registers the baseline scorers)
 from evaluation.evaluate import default_pair_chunk, relational_pair_logits  # noqa: E402
 from evaluation.metrics import auroc  # noqa: E402
-from evaluation.scorers import build_scorer  # noqa: E402
+from evaluation.scorers import SCORERS, FeatureBatch, ScoringInputs, build_scorer  # noqa: E402
 from models.relational import RelationalTransformer  # noqa: E402
 
-BASELINES = ("prototype_distance", "prototype_cosine", "knn", "mahalanobis", "featurenorm", "linear_probe")
+# Every registered scorer without the relational module, then ReSeND's default one.
+DEFAULT_SCORERS = [name for name, cls in SCORERS.items() if not cls.needs_pair_logits] + ["resend"]
 # (support size, known classes, targets): the largest PACS / OfficeHome splits, rounded.
 SIZES = {"pacs": (5000, 6, 2000), "officehome": (10000, 54, 4000)}
 N_BLOCKS = 8  # resnet18
@@ -55,21 +55,16 @@ def synthetic_split(n_support: int, n_classes: int, n_targets: int, dim: int, se
     }
 
 
-def time_scorer(name: str, split: dict, context: dict) -> tuple[float, float, float]:
-    """(fit seconds, score seconds, AUROC) of one scorer on one split."""
-    scorer = build_scorer(name, **context)
-    block_norms = getattr(scorer, "uses_block_norms", False)
+def time_scorer(name: str, split: dict, options: dict, pair_logits, pair_chunk: int) -> tuple[float, float, float]:
+    """(fit seconds, score seconds, AUROC) of one scorer on one split, given the engine's bundle."""
+    scorer = build_scorer(name, options)
+    inputs = ScoringInputs(support=FeatureBatch(split["support"], split["support_labels"], split["support_norms"]),
+                           jigsaw=FeatureBatch(split["support"], block_norms=split["jigsaw_norms"]),
+                           pair_logits=pair_logits, pair_chunk=pair_chunk)
     start = time.perf_counter()
-    if block_norms:
-        scorer.fit(split["support"], split["support_labels"], block_norms=split["support_norms"],
-                   jigsaw_block_norms=split["jigsaw_norms"])
-    else:
-        scorer.fit(split["support"], split["support_labels"])
+    scorer.fit(inputs)
     fitted = time.perf_counter()
-    if block_norms:
-        result = scorer.score(split["targets"], block_norms=split["target_norms"])
-    else:
-        result = scorer.score(split["targets"])
+    result = scorer.score(FeatureBatch(split["targets"], block_norms=split["target_norms"]))
     done = time.perf_counter()
     return fitted - start, done - fitted, auroc(result.normality.cpu().numpy(), split["is_known"])
 
@@ -79,9 +74,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--nnk", type=int, default=1, help="k of the knn scorer (the lead's --NNK)")
+    parser.add_argument("--nnk", type=int, default=1, help="--NNK of the scorers that read it")
+    parser.add_argument("--scorers", nargs="+", default=DEFAULT_SCORERS, choices=list(SCORERS),
+                        help="registered scorers to time (default: every post-hoc one and resend)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-resend", action="store_true", help="skip the relational ReSeND scorer")
+    parser.add_argument("--no-resend", action="store_true", help="skip the relational ReSeND scorers")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,8 +86,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     relational = RelationalTransformer(feat_dim=args.dim, depth=4)
     pair_logits = relational_pair_logits(relational, torch.device("cpu"), "none")
-    context = {"pair_logits": pair_logits, "k": args.nnk, "chunk_size": default_pair_chunk(torch.device("cpu"))}
-    names = BASELINES if args.no_resend else BASELINES + ("resend",)
+    names = [name for name in args.scorers if not (args.no_resend and SCORERS[name].needs_pair_logits)]
 
     print(f"torch threads {torch.get_num_threads()}, feature dim {args.dim}, CPU")
     print(f"{'size':<11} {'scorer':<19} {'fit s':>8} {'score s':>8} {'total s':>8} {'auroc':>7}")
@@ -99,7 +95,8 @@ def main() -> None:
         split = synthetic_split(n_support, n_classes, n_targets, args.dim, args.seed)
         print(f"# {size}: support {n_support} x {args.dim}, {n_classes} classes, targets {n_targets}")
         for name in names:
-            fit_s, score_s, auc = time_scorer(name, split, context)
+            fit_s, score_s, auc = time_scorer(name, split, {"NNK": args.nnk}, pair_logits,
+                                              default_pair_chunk(torch.device("cpu")))
             print(f"{size:<11} {name:<19} {fit_s:8.3f} {score_s:8.3f} {fit_s + score_s:8.3f} {auc:7.3f}",
                   flush=True)
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_train_step.py --sizes 64:32 --optimizers lars --amps bf16
     python benchmarks/bench_train_step.py --train_py 20 --num_workers 1   # + full train.py runs with data loading
 
-Each row times the real step of `training.loop`: the model from `build_model` (ResNet-18 +
+Each row times the real step of `training.engine`: the model from `build_model` (ResNet-18 +
 relational transformer, channels_last weights), `backward_micro_batch` (autocast forward of both
 halves in one backbone call, `relation_loss`, backward) and the `build_optimizer` step through the
 grad scaler, on a fixed random pair batch (no data loading). Variants: optimizer (lars, sgd), amp
@@ -35,7 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_eval import write_textured_tree  # noqa: E402
 from train import get_args_parser  # noqa: E402
-from training.loop import backward_micro_batch, build_model  # noqa: E402
+from training.engine import backward_micro_batch  # noqa: E402
+from training.main import build_model  # noqa: E402
+from training.settings import ModelSettings, Objective, Optimisation  # noqa: E402
 from utils.optim import build_optimizer, set_lr  # noqa: E402
 from utils.precision import grad_scaler  # noqa: E402
 
@@ -44,9 +46,7 @@ CPU = torch.device("cpu")
 
 def model_args(amp: str) -> argparse.Namespace:
     """train.py's own defaults (ResNet-18, L2, relational depth 4) with random init, `amp`, one process."""
-    args = get_args_parser().parse_args(["--backbone_weights", "none", "--amp", amp, "--device", "cpu"])
-    args.distributed = False  # set by init_distributed_mode in train.py
-    return args
+    return get_args_parser().parse_args(["--backbone_weights", "none", "--amp", amp, "--device", "cpu"])
 
 
 def time_steps(image_size: int, pairs: int, optimizer_name: str, amp: str, channels_last: bool,
@@ -54,7 +54,8 @@ def time_steps(image_size: int, pairs: int, optimizer_name: str, amp: str, chann
     """Median seconds of one training iteration (after `warmup` untimed ones)."""
     torch.manual_seed(seed)
     args = model_args(amp)
-    model = build_model(args, CPU)
+    objective, optimisation = Objective.from_args(args), Optimisation.from_args(args)
+    model = build_model(ModelSettings.from_args(args), objective, CPU)
     if not channels_last:
         model = model.to(memory_format=torch.contiguous_format)
     if head_bias:
@@ -76,7 +77,7 @@ def time_steps(image_size: int, pairs: int, optimizer_name: str, amp: str, chann
             # As the training loop does with every batch it receives.
             a = a.contiguous(memory_format=torch.channels_last)
             b = b.contiguous(memory_format=torch.channels_last)
-        backward_micro_batch(model, a, b, relation, args, scaler, CPU, last=True)
+        backward_micro_batch(model, a, b, relation, objective, optimisation, scaler, CPU, last=True)
         scaler.step(optimizer)
         scaler.update()
 

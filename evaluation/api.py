@@ -15,9 +15,9 @@ from PIL import Image
 
 from datasets.image_lists import load_image
 from datasets.transforms import eval_transform
-from evaluation.evaluate import default_pair_chunk, relational_pair_logits  # also registers the baselines
+from evaluation.evaluate import default_pair_chunk, relational_pair_logits
 from evaluation.run_settings import loaded_from, loaded_line, model_facts, resolve_run_settings
-from evaluation.scorers import ScoreResult, Scorer, build_scorer
+from evaluation.scorers import FeatureBatch, ScoreResult, Scorer, ScoringInputs, build_scorer
 from models.backbone import fold_batchnorm
 from models.checkpoint import LoadedModel, load_model_folder
 from utils.precision import autocast
@@ -40,9 +40,11 @@ class NoveltyDetector:
         model.relational.to(self.device).eval()
         # Features come from a BatchNorm-folded copy (same function, faster); `model` stays as loaded.
         self._backbone = fold_batchnorm(model.backbone)
-        pair_logits = relational_pair_logits(model.relational, self.device, amp)
-        self.scorer: Scorer = build_scorer(scorer, pair_logits=pair_logits, k=nnk,
-                                           chunk_size=default_pair_chunk(self.device))
+        self.scorer: Scorer = build_scorer(scorer, {"NNK": nnk})
+        if self.scorer.needs_block_norms:
+            raise ValueError(f"scorer {scorer!r} needs per-block feature norms of jigsaw-shuffled support "
+                             "images, which the API does not compute; use train.py --only_eval --evaluator")
+        self._pair_logits = relational_pair_logits(model.relational, self.device, amp)
         self._fitted = False
         # What the scores depend on; from_folder adds where the settings came from.
         self.settings: Dict[str, Any] = {"checkpoint": model.folder, "loaded_from": loaded_from(model),
@@ -100,7 +102,8 @@ class NoveltyDetector:
         label_tensor = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
         if label_tensor.numel() != feats.shape[0]:
             raise ValueError(f"{feats.shape[0]} support samples but {label_tensor.numel()} labels")
-        self.scorer.fit(feats, label_tensor)
+        self.scorer.fit(ScoringInputs(support=FeatureBatch(feats, label_tensor), pair_logits=self._pair_logits,
+                                      pair_chunk=default_pair_chunk(self.device)))
         self._fitted = True
         return self
 
@@ -108,4 +111,4 @@ class NoveltyDetector:
         """Normality (higher = more likely a known class) and predicted known class per query."""
         if not self._fitted:
             raise RuntimeError("call fit() with the support set before score()")
-        return self.scorer.score(self._as_features(queries))
+        return self.scorer.score(FeatureBatch(self._as_features(queries)))

@@ -5,26 +5,22 @@ sharded over processes when launched distributed; rank 0 computes the metrics an
 """
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-import evaluation.baselines  # noqa: F401  (registers the post-hoc baselines)
 from datasets.benchmarks import EvalSplit, get_eval_split, resolve_targets
 from datasets.image_lists import check_files_exist
 from datasets.transforms import eval_transform
-from evaluation.features import extract_features
+from evaluation.features import ImageFeatures, extract_image_features
 from evaluation.jigsaw import JigsawTransform
 from evaluation.metrics import compute_metrics
-from evaluation.scorers import SCORERS, ScoreResult, build_scorer, few_shot_indices
+from evaluation.scorers import FeatureBatch, ScoreResult, ScoringInputs, build_scorer
+from evaluation.scorers.base import check_positive_int
 from models.backbone import ResNetBackbone, fold_batchnorm
-from utils.distributed import gather_by_index, get_world_size, is_main_process
+from utils.distributed import gather_by_index, get_rank, get_world_size, is_main_process
 from utils.precision import autocast
-
-# Scorers that use the relational module (all others are post-hoc baselines on the features).
-RELATIONAL_SCORERS = ("resend", "resend_msp", "resend_knn")
 
 # Pairs per relational-module call. On a GPU: large enough to amortise the per-call overhead,
 # small enough that a [chunk, 3, 768] activation stack fits comfortably on a small card. On a CPU
@@ -50,12 +46,9 @@ class EvalSettings:
     amp: str = "none"
     few_shot: Optional[int] = None
     seed: int = 0
-    nnk: int = 1
+    # Values of the scorers' hyperparameter flags (e.g. {"NNK": 5}); absent ones take their defaults.
+    scorer_options: Dict[str, Any] = field(default_factory=dict)
     pair_chunk: Optional[int] = None  # None: default_pair_chunk(device)
-
-    def scorer_kwargs(self, device: torch.device) -> Dict[str, Any]:
-        """Keyword context every scorer constructor may pick from."""
-        return {"k": self.nnk, "chunk_size": self.pair_chunk or default_pair_chunk(device)}
 
 
 @dataclass
@@ -90,6 +83,24 @@ def relational_pair_logits(relational: torch.nn.Module, device: torch.device,
     return pair_logits
 
 
+def few_shot_indices(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of n_per_class random samples per class (all of a smaller class), seeded."""
+    n_per_class = check_positive_int(n_per_class, "n_per_class")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+    if labels.size == 0:
+        raise ValueError("labels is empty: no samples to draw a few-shot support set from")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if members.size > n_per_class:
+            members = rng.choice(members, size=n_per_class, replace=False)
+        chosen.append(members)
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
 def select_support(split: EvalSplit, few_shot: Optional[int], seed: int) -> List:
     """The support samples actually used: all of them, or `few_shot` random ones per class."""
     if not few_shot:
@@ -114,77 +125,92 @@ def validate_split(split: EvalSplit) -> None:
     check_files_exist(split.scored)
 
 
-def scorer_uses_block_norms(name: str) -> bool:
-    """Whether a registered scorer needs per-block FeatureNorms (and jigsaw support images)."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown evaluator {name!r}; registered: {', '.join(sorted(SCORERS))}")
-    return bool(getattr(SCORERS[name], "uses_block_norms", False))
-
-
 def evaluate_split(backbone: ResNetBackbone, relational: Optional[torch.nn.Module],
                    split: EvalSplit, settings: EvalSettings, device: torch.device) -> List[EvalResult]:
-    """Score one split with every scorer of `settings.scorers` on features computed once.
+    """Score one split with every scorer of `settings.scorers` (see `evaluate_splits`)."""
+    return evaluate_splits([split], backbone, relational, settings, device)
 
-    Returns one result per scorer on rank 0 and an empty list on the other ranks. `relational` may
-    be None (`--backbone_only`) when only post-hoc baselines are asked for.
+
+def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relational: Optional[torch.nn.Module],
+                    settings: EvalSettings, device: torch.device) -> List[EvalResult]:
+    """Score every split with every scorer of `settings.scorers`, each image's features computed once.
+
+    The images of all splits (support, scored and, for block-norm scorers, jigsaw-shuffled support)
+    go through the backbone in one pass, each distinct image once (the PACS targets share most of
+    their images). Every scorer of a split is handed the same bundle; each process scores its shard
+    of the scored images. Returns one result per (split, scorer) on rank 0, none on the other ranks.
+    `relational` may be None (`--backbone_only`) when only post-hoc baselines are asked for.
     """
-    validate_split(split)
-    needs_relational = [name for name in settings.scorers if name in RELATIONAL_SCORERS]
+    for split in splits:
+        validate_split(split)
+    # Built first: a bad hyperparameter fails before any feature is computed.
+    scorers = {name: build_scorer(name, settings.scorer_options) for name in settings.scorers}
+    needs_relational = [name for name, scorer in scorers.items() if scorer.needs_pair_logits]
     if relational is None and needs_relational:
         raise ValueError(f"{', '.join(needs_relational)} need(s) the relational module; "
                          "--backbone_only evaluates the post-hoc baselines only")
-    needs_norms = any(scorer_uses_block_norms(name) for name in settings.scorers)
-    seconds: Dict[str, float] = {}
+    needs_norms = any(scorer.needs_block_norms for scorer in scorers.values())
+    supports = [select_support(split, settings.few_shot, settings.seed) for split in splits]
+
     start = time.perf_counter()
-    # Inference never updates BatchNorm, so a folded copy gives the same features faster.
-    backbone = fold_batchnorm(backbone)
-    support = select_support(split, settings.few_shot, settings.seed)
-    extract = partial(extract_features, backbone, image_size=settings.image_size,
-                      batch_size=settings.batch_size, num_workers=settings.num_workers, device=device,
-                      amp=settings.amp, return_block_norms=needs_norms)
-    support_set = extract(support, desc=f"{split.target} support").gathered()
-    jigsaw_set = None
+    plain = list(dict.fromkeys(path for split, support in zip(splits, supports)
+                               for path, _ in [*support, *split.scored]))
+    jigsawed = list(dict.fromkeys(path for support in supports for path, _ in support)) if needs_norms else []
+    parts = [(plain, eval_transform(settings.image_size))]
     if needs_norms:
         # FeatureNorm's pseudo-novel images: the support images with their 3x3 tiles shuffled.
-        jigsaw_set = extract(support, desc=f"{split.target} jigsaw",
-                             transform=JigsawTransform(eval_transform(settings.image_size),
-                                                       seed=settings.seed)).gathered()
-    seconds["support_features"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    target_set = extract(split.scored, desc=f"{split.target} targets")
-    seconds["target_features"] = time.perf_counter() - start
+        parts.append((jigsawed, JigsawTransform(eval_transform(settings.image_size), seed=settings.seed)))
+    # Inference never updates BatchNorm, so a folded copy gives the same features faster.
+    extracted = extract_image_features(fold_batchnorm(backbone), parts, settings.batch_size, settings.num_workers,
+                                       device, settings.amp, return_block_norms=needs_norms,
+                                       desc=f"features of {len(plain) + len(jigsawed)} images")
+    row_of = {path: row for row, path in enumerate(plain)}
+    jigsaw_row_of = {path: row for row, path in enumerate(jigsawed)}
+    feature_seconds = time.perf_counter() - start
 
     pair_logits = None if relational is None else relational_pair_logits(relational, device, settings.amp)
-    labels = np.array([label for _, label in split.scored])
     results = []
-    for name in settings.scorers:
-        start = time.perf_counter()
-        scorer = build_scorer(name, pair_logits=pair_logits, **settings.scorer_kwargs(device))
-        if scorer_uses_block_norms(name):
-            scorer.fit(support_set.feats, support_set.labels, block_norms=support_set.block_norms,
-                       jigsaw_block_norms=jigsaw_set.block_norms)
-            local = scorer.score(target_set.feats, block_norms=target_set.block_norms)
-        else:
-            scorer.fit(support_set.feats, support_set.labels)
-            local = scorer.score(target_set.feats)
-        # Each process scored its own shard: put the rows back in list order.
-        result = _gather_result(local, target_set.indices, target_set.total)
-        scorer_seconds = {**seconds, "scoring": time.perf_counter() - start}
-        if not is_main_process():
-            continue
-        normality = result.normality.cpu().numpy().astype(np.float64)
-        preds = None if result.pred is None else result.pred.cpu().numpy()
-        metrics = compute_metrics(normality, labels, preds, split.known_classes)
-        extra_metrics = {key: compute_metrics(values.cpu().numpy().astype(np.float64), labels, preds,
-                                              split.known_classes)
-                         for key, values in result.extra.items()}
-        results.append(EvalResult(dataset=split.dataset, target=split.target, scorer=name,
-                                  metrics=metrics, extra_metrics=extra_metrics, normality=normality,
-                                  preds=preds, labels=labels, paths=[path for path, _ in split.scored],
-                                  known_classes=split.known_classes, n_support=len(support),
-                                  seconds=scorer_seconds))
+    for split, support in zip(splits, supports):
+        inputs = ScoringInputs(
+            support=_batch(extracted[0], [row_of[path] for path, _ in support], [label for _, label in support],
+                           device),
+            jigsaw=_batch(extracted[1], [jigsaw_row_of[path] for path, _ in support], None, device) if needs_norms
+            else None,
+            pair_logits=pair_logits, pair_chunk=settings.pair_chunk or default_pair_chunk(device))
+        # Each process scores its shard of the scored images; the results are gathered in list order.
+        shard = torch.arange(get_rank(), len(split.scored), get_world_size())
+        scored = _batch(extracted[0], [row_of[split.scored[i][0]] for i in shard.tolist()], None, device)
+        labels = np.array([label for _, label in split.scored])
+        for name, scorer in scorers.items():
+            start = time.perf_counter()
+            scorer.fit(inputs)
+            result = _gather_result(scorer.score(scored), shard.to(device), len(split.scored))
+            seconds = {"features": feature_seconds, "scoring": time.perf_counter() - start}
+            if is_main_process():
+                results.append(_result(split, name, result, labels, len(support), seconds))
     return results
+
+
+def _batch(features: ImageFeatures, rows: List[int], labels: Optional[List[int]], device: torch.device) -> FeatureBatch:
+    """The FeatureBatch of some rows of extracted features (with labels for a support set)."""
+    index = torch.as_tensor(rows, dtype=torch.long, device=features.feats.device)
+    return FeatureBatch(features.feats.index_select(0, index),
+                        None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device),
+                        None if features.block_norms is None else features.block_norms.index_select(0, index))
+
+
+def _result(split: EvalSplit, name: str, result: ScoreResult, labels: np.ndarray, n_support: int,
+            seconds: Dict[str, float]) -> EvalResult:
+    """Metrics (and the extra columns' metrics) of one scorer's scores on one split."""
+    normality = result.normality.cpu().numpy().astype(np.float64)
+    preds = None if result.pred is None else result.pred.cpu().numpy()
+    metrics = compute_metrics(normality, labels, preds, split.known_classes)
+    extra_metrics = {key: compute_metrics(values.cpu().numpy().astype(np.float64), labels, preds, split.known_classes)
+                     for key, values in result.extra.items()}
+    return EvalResult(dataset=split.dataset, target=split.target, scorer=name, metrics=metrics,
+                      extra_metrics=extra_metrics, normality=normality, preds=preds, labels=labels,
+                      paths=[path for path, _ in split.scored], known_classes=split.known_classes,
+                      n_support=n_support, seconds=seconds)
 
 
 def _gather_result(local: ScoreResult, indices: torch.Tensor, total: int) -> ScoreResult:
@@ -207,10 +233,3 @@ def load_splits(dataset: str, target: Optional[str], data_root: Optional[str], p
         validate_split(split)
         splits.append(split)
     return splits
-
-
-def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relational: Optional[torch.nn.Module],
-                    settings: EvalSettings, device: torch.device) -> List[EvalResult]:
-    """Evaluate every split (sharded over processes); the results exist on rank 0 only."""
-    return [result for split in splits
-            for result in evaluate_split(backbone, relational, split, settings, device)]

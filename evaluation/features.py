@@ -1,9 +1,9 @@
-"""Backbone features of an image list, computed once, in batches, sharded over processes."""
+"""Backbone features of image sets, computed once per image, in one DataLoader pass, sharded over processes."""
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
@@ -14,51 +14,41 @@ from utils.precision import autocast
 
 
 @dataclass
-class FeatureSet:
-    """Features of (a shard of) an image list: row k belongs to sample `indices[k]` of the list."""
+class ImageFeatures:
+    """Features [N, D] of an image list, in list order, and optionally its per-block FeatureNorms [N, B]."""
 
     feats: torch.Tensor
-    labels: torch.Tensor
-    indices: torch.Tensor
-    total: int
     block_norms: Optional[torch.Tensor] = None
-
-    def gathered(self) -> "FeatureSet":
-        """The full list on every process, in list order (identity in a single process)."""
-        if get_world_size() == 1:
-            return self
-        gather = lambda values: gather_by_index(values, self.indices, self.total)  # noqa: E731
-        return FeatureSet(
-            feats=gather(self.feats),
-            labels=gather(self.labels),
-            indices=torch.arange(self.total, device=self.indices.device),
-            total=self.total,
-            block_norms=None if self.block_norms is None else gather(self.block_norms),
-        )
 
 
 @torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], image_size: int,
-                     batch_size: int, num_workers: int, device: torch.device, amp: str = "none",
-                     return_block_norms: bool = False, desc: str = "features",
-                     transform: Optional[Callable] = None) -> FeatureSet:
-    """Run the backbone once over `samples`; each process handles its DistributedSampler shard.
+def extract_image_features(backbone: torch.nn.Module, parts: Sequence[Tuple[Sequence[str], Callable]],
+                           batch_size: int, num_workers: int, device: torch.device, amp: str = "none",
+                           return_block_norms: bool = False, desc: str = "features") -> List[ImageFeatures]:
+    """Features of every image of every (paths, transform) part, every process getting all of them.
 
-    `transform` replaces the evaluation transform (FeatureNorm's jigsaw-shuffled support images).
+    All parts go through one DataLoader, so its worker processes start and stop once however many
+    image sets an evaluation needs (support, scored, jigsaw-shuffled support, several targets);
+    each process handles its DistributedSampler shard and the shards are gathered in list order.
     """
-    dataset = ImageListDataset(list(samples), transform or eval_transform(image_size))
+    parts = list(parts)
+    datasets = [ImageListDataset([(path, 0) for path in paths], transform) for paths, transform in parts]
+    dataset = ConcatDataset(datasets) if datasets else []
+    total = len(dataset)
+    if total == 0:
+        empty = torch.empty(0, getattr(backbone, "feat_dim", 0), device=device)
+        return [ImageFeatures(empty) for _ in parts]
     sampler = None
     if get_world_size() > 1:
         # shuffle=False keeps shards deterministic; the padding duplicates are dropped on gather.
         sampler = DistributedSampler(dataset, shuffle=False, drop_last=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
     backbone.eval()
-    feats, labels, indices, norms = [], [], [], []
-    for images, batch_labels, batch_indices in tqdm(loader, desc=desc, leave=False,
-                                                    # None: tqdm hides itself when not on a terminal (logs, CI).
-                                                    disable=None if is_main_process() else True):
+    feats, norms = [], []
+    for images, _, _ in tqdm(loader, desc=desc, leave=False,
+                                         # None: tqdm hides itself when not on a terminal (logs, CI).
+                                         disable=None if is_main_process() else True):
         # channels_last is markedly faster for convolutions on CPU (oneDNN) and on CUDA, and
         # changes results only by float rounding.
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -68,13 +58,29 @@ def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], image
             out, block_norm = out
             norms.append(block_norm.float())
         feats.append(out.float())
-        labels.append(batch_labels.to(device))
-        indices.append(batch_indices.to(device))
-    feat_dim = getattr(backbone, "feat_dim", 0)
-    return FeatureSet(
-        feats=torch.cat(feats) if feats else torch.empty(0, feat_dim, device=device),
-        labels=torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device),
-        indices=torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=device),
-        total=len(dataset),
-        block_norms=torch.cat(norms) if norms else None,
-    )
+    # The loader visits the sampler's indices in order (an item's own index is within its part only).
+    global_indices = _global_indices(sampler, total, device)
+    all_feats = gather_by_index(torch.cat(feats), global_indices, total)
+    all_norms = gather_by_index(torch.cat(norms), global_indices, total) if norms else None
+    results, start = [], 0
+    for part in datasets:
+        stop = start + len(part)
+        results.append(ImageFeatures(all_feats[start:stop], None if all_norms is None else all_norms[start:stop]))
+        start = stop
+    return results
+
+
+def _global_indices(sampler: Optional[DistributedSampler], total: int, device: torch.device) -> torch.Tensor:
+    """The dataset indices this process's loader visited, in order (its sampler's shard, or all)."""
+    order = list(iter(sampler)) if sampler is not None else range(total)
+    return torch.as_tensor(list(order), dtype=torch.long, device=device)
+
+
+def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], image_size: int, batch_size: int,
+                     num_workers: int, device: torch.device, amp: str = "none", return_block_norms: bool = False,
+                     desc: str = "features", transform: Optional[Callable] = None) -> ImageFeatures:
+    """Features of one image list with the evaluation transform (or `transform`), in list order."""
+    (result,) = extract_image_features(backbone, [([path for path, _ in samples],
+                                                   transform or eval_transform(image_size))],
+                                       batch_size, num_workers, device, amp, return_block_norms, desc)
+    return result

@@ -6,7 +6,6 @@ into a private temporary folder in `eval/` (manifest last) and renamed into plac
 reader sees a complete group or none. Only a group with the same hash (an identical re-run) is ever
 replaced; evaluations with other settings get other names and leave each other's groups alone.
 """
-import contextlib
 import errno
 import hashlib
 import json
@@ -133,11 +132,15 @@ def write_group(eval_root: str, name: str, manifest: Dict[str, Any],
     return final
 
 
+# Rounds of "move the old group aside, rename ours in" before giving up on a name that keeps changing.
+MOVE_ATTEMPTS = 50
+
+
 def _move_into_place(temp: str, final: str, digest: str) -> None:
     """Rename `temp` to `final`; an existing group with the same hash is moved aside, then removed."""
     eval_root = os.path.dirname(final)
-    # A few rounds: a concurrent identical run may put its group in place between two steps.
-    for _ in range(5):
+    # Several rounds: concurrent identical runs may put their groups in place between two steps.
+    for _ in range(MOVE_ATTEMPTS):
         if not os.path.lexists(final):
             try:
                 os.rename(temp, final)
@@ -155,8 +158,12 @@ def _move_into_place(temp: str, final: str, digest: str) -> None:
         try:
             os.rename(temp, final)
         except OSError as error:
-            with contextlib.suppress(OSError):
+            try:
                 os.rename(aside, final)  # put the previous group back
+            except OSError:
+                # A concurrent identical run put its group in place meanwhile: the one set aside is
+                # superseded by an equal one and would otherwise stay behind as a hidden folder.
+                shutil.rmtree(aside, ignore_errors=True)
             if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             continue

@@ -11,7 +11,7 @@ from evaluation.report import format_table, group_identity, say, tensorboard_ext
 from evaluation.run_settings import check_against_checkpoint, loaded_from, loaded_line, resolve_run_settings
 from evaluation.settings import eval_settings, settings_record
 from models.backbone import ResNetBackbone
-from models.checkpoint import load_model_folder
+from models.checkpoint import CheckpointError, load_model_folder
 from utils.distributed import is_main_process
 
 
@@ -40,6 +40,8 @@ def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
         relational, iteration = None, None
         provenance: Dict[str, Any] = {"backbone_weights": args.backbone_weights}
     else:
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"checkpoint folder not found: {folder}")
         run = resolve_run_settings(folder, {"image_size": args.image_size, "transf_n_heads": args.transf_n_heads},
                                    explicit)
         for line in run.messages:

@@ -9,10 +9,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from evaluation.evaluate import RELATIONAL_SCORERS, EvalSettings
+from evaluation.evaluate import EvalSettings
 from evaluation.groups import validate_tag
 from evaluation.run_settings import model_facts
-from evaluation.scorers import SCORERS
+from evaluation.scorers import SCORERS, scorer_flags
 
 
 def scorer_names(args: argparse.Namespace) -> Tuple[str, ...]:
@@ -21,7 +21,7 @@ def scorer_names(args: argparse.Namespace) -> Tuple[str, ...]:
         raise ValueError("choose one of --most_significant_prototypes and --knn_distance_evaluator")
     if args.evaluator:
         if args.evaluator == "all":
-            names = [name for name in SCORERS if not (args.backbone_only and name in RELATIONAL_SCORERS)]
+            names = [name for name, cls in SCORERS.items() if not (args.backbone_only and cls.needs_pair_logits)]
         else:
             names = [name.strip() for name in args.evaluator.split(",") if name.strip()]
         unknown = [name for name in names if name not in SCORERS]
@@ -31,7 +31,7 @@ def scorer_names(args: argparse.Namespace) -> Tuple[str, ...]:
         return tuple(dict.fromkeys(names))
     if args.backbone_only:
         raise ValueError("--backbone_only scores with post-hoc baselines: give --evaluator "
-                         f"(e.g. all or {', '.join(n for n in SCORERS if n not in RELATIONAL_SCORERS)})")
+                         f"(e.g. all or {', '.join(n for n, cls in SCORERS.items() if not cls.needs_pair_logits)})")
     if args.most_significant_prototypes:
         return ("resend_msp",)
     if args.knn_distance_evaluator:
@@ -41,12 +41,6 @@ def scorer_names(args: argparse.Namespace) -> Tuple[str, ...]:
 
 def eval_settings(args: argparse.Namespace) -> EvalSettings:
     """EvalSettings from the command line (--only_eval replaces image_size with the run's)."""
-    if args.few_shot is not None and args.few_shot <= 0:
-        raise ValueError(f"--few_shot must be a positive number of images per class, got {args.few_shot}")
-    if args.NNK <= 0:
-        raise ValueError(f"--NNK must be positive, got {args.NNK}")
-    if args.eval_batch_size <= 0:
-        raise ValueError(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
     if args.tag is not None:
         if not args.only_eval:
             # Training evaluates many times; one name cannot tell those groups apart.
@@ -55,7 +49,8 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
         validate_tag(args.tag)
     return EvalSettings(scorers=scorer_names(args), image_size=args.image_size,
                         batch_size=args.eval_batch_size, num_workers=args.num_workers, amp=args.amp,
-                        few_shot=args.few_shot, seed=args.seed, nnk=args.NNK)
+                        few_shot=args.few_shot, seed=args.seed,
+                        scorer_options={flag: getattr(args, flag) for flag in scorer_flags()})
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -69,6 +64,6 @@ def settings_record(args: argparse.Namespace, settings: EvalSettings, checkpoint
     return {"checkpoint": os.path.abspath(checkpoint), "iteration": iteration,
             **model_facts(backbone, relational), "scorers": list(settings.scorers),
             "image_size": settings.image_size, "amp": settings.amp, "few_shot": settings.few_shot,
-            "seed": settings.seed, "NNK": settings.nnk, "data_root": _absolute(args.data_root),
+            "seed": settings.seed, **settings.scorer_options, "data_root": _absolute(args.data_root),
             "path_to_txt": _absolute(args.path_to_txt), "source_dir": _absolute(args.source_dir),
             "target_dir": _absolute(args.target_dir)}

@@ -1,23 +1,35 @@
-"""Tests for evaluation.baselines (post-hoc scorers) and evaluation.jigsaw (tile shuffling)."""
+"""Tests for the post-hoc scorers (evaluation/scorers/distance.py, featurenorm.py, probe.py) and jigsaw shuffling."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from sklearn.covariance import LedoitWolf
 
-import evaluation.baselines  # noqa: F401  (registers the baseline scorers)
-from evaluation.baselines import (
-    FeatureNormScorer,
+from evaluation.scorers.distance import (
     KnnDistanceScorer,
-    LinearProbeScorer,
     MahalanobisScorer,
     PrototypeCosineScorer,
     PrototypeDistanceScorer,
     ledoit_wolf_covariance,
 )
+from evaluation.scorers.featurenorm import FeatureNormScorer
+from evaluation.scorers.probe import LinearProbeScorer
 from evaluation.jigsaw import JigsawTransform, jigsaw_shuffle
 from evaluation.metrics import auroc
-from evaluation.scorers import SCORERS, build_scorer
+from evaluation.scorers import SCORERS, FeatureBatch, ScoringInputs, build_scorer
+
+def fit(scorer, feats, labels, block_norms=None, jigsaw_block_norms=None):
+    """Fit on plain tensors, in the bundle the evaluation engine hands every scorer."""
+    jigsaw = None if jigsaw_block_norms is None else FeatureBatch(torch.zeros(len(jigsaw_block_norms), 1),
+                                                                   block_norms=jigsaw_block_norms)
+    scorer.fit(ScoringInputs(FeatureBatch(feats, labels, block_norms), jigsaw=jigsaw))
+    return scorer
+
+
+def score(scorer, feats, block_norms=None):
+    """Score plain tensors."""
+    return scorer.score(FeatureBatch(feats, block_norms=block_norms))
+
 
 BASELINES = ("prototype_distance", "prototype_cosine", "knn", "mahalanobis", "featurenorm", "linear_probe")
 FEATURE_SCORERS = ("prototype_distance", "prototype_cosine", "knn", "mahalanobis", "linear_probe")
@@ -52,14 +64,14 @@ def synthetic_block_norms(is_known, n_blocks=5, good_block=3, seed=1):
 
 def fit_and_score(name, support, support_labels, targets, is_known):
     """Build `name`, fit, score; feeds synthetic block norms to block-norm scorers."""
-    scorer = build_scorer(name, pair_logits=None, k=3, chunk_size=100)
-    if getattr(scorer, "uses_block_norms", False):
+    scorer = build_scorer(name, {"NNK": 3})
+    if scorer.needs_block_norms:
         support_norms = synthetic_block_norms(np.ones(len(support), bool))
         jigsaw_norms = synthetic_block_norms(np.zeros(len(support), bool), seed=2)
-        scorer.fit(support, support_labels, block_norms=support_norms, jigsaw_block_norms=jigsaw_norms)
-        return scorer.score(targets, block_norms=synthetic_block_norms(is_known, seed=3))
-    scorer.fit(support, support_labels)
-    return scorer.score(targets)
+        fit(scorer, support, support_labels, block_norms=support_norms, jigsaw_block_norms=jigsaw_norms)
+        return score(scorer, targets, block_norms=synthetic_block_norms(is_known, seed=3))
+    fit(scorer, support, support_labels)
+    return score(scorer, targets)
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -82,8 +94,8 @@ def test_shuffled_support_labels_break_mahalanobis_prototypes():
     support, support_labels, targets, is_known, known_labels = gaussian_problem()
     shuffled = support_labels[torch.randperm(len(support_labels), generator=torch.Generator().manual_seed(0))]
     scorer = MahalanobisScorer()
-    scorer.fit(support, shuffled)
-    result = scorer.score(targets)
+    fit(scorer, support, shuffled)
+    result = score(scorer, targets)
     # With meaningless labels the class means collapse onto the overall mean: no class is recovered.
     accuracy = float((result.pred[: len(known_labels)] == known_labels).float().mean())
     assert accuracy < 0.6
@@ -94,13 +106,13 @@ def test_prototype_distance_and_cosine_hand_values():
     labels = torch.tensor([0, 0, 1, 1])
     targets = torch.tensor([[1.0, 1.0], [0.0, 10.0]])
     dist = PrototypeDistanceScorer()
-    dist.fit(support, labels)
-    result = dist.score(targets)  # means (1, 0) and (0, 5)
+    fit(dist, support, labels)
+    result = score(dist, targets)  # means (1, 0) and (0, 5)
     assert torch.allclose(result.normality, torch.tensor([-1.0, -5.0]))
     assert result.pred.tolist() == [0, 1]
     cos = PrototypeCosineScorer()
-    cos.fit(support, labels)
-    result = cos.score(targets)
+    fit(cos, support, labels)
+    result = score(cos, targets)
     assert torch.allclose(result.normality, torch.tensor([2 ** -0.5, 1.0]))
     assert result.pred.tolist() == [0, 1]
 
@@ -113,14 +125,14 @@ def test_knn_kth_neighbour_hand_example():
     labels = torch.tensor([1, 0, 0, 1])
     target = torch.tensor([[5.0, 0.0]], dtype=torch.float64)
     for k, angle in [(1, 0.0), (2, 10.0), (3, 30.0), (4, 90.0)]:
-        scorer = build_scorer("knn", k=k)
-        scorer.fit(support, labels)
-        result = scorer.score(target)
+        scorer = build_scorer("knn", {"NNK": k})
+        fit(scorer, support, labels)
+        result = score(scorer, target)
         expected = 2 * np.sin(np.deg2rad(angle) / 2)  # chord length between unit vectors
         assert result.normality.item() == pytest.approx(-expected, abs=1e-7)
         assert result.pred.tolist() == [1]
     with pytest.raises(ValueError, match="exceeds the support set size"):
-        KnnDistanceScorer(k=5).fit(support, labels)
+        fit(KnnDistanceScorer(k=5), support, labels)
 
 
 def test_ledoit_wolf_matches_sklearn():
@@ -147,8 +159,8 @@ def test_mahalanobis_matches_numpy_with_small_support():
     dist = np.sqrt(np.einsum("mcd,de,mce->mc", diffs, precision, diffs))
 
     scorer = MahalanobisScorer()
-    scorer.fit(torch.from_numpy(support).float(), torch.from_numpy(labels))
-    result = scorer.score(torch.from_numpy(targets).float())
+    fit(scorer, torch.from_numpy(support).float(), torch.from_numpy(labels))
+    result = score(scorer, torch.from_numpy(targets).float())
     assert result.normality.dtype == torch.float64
     # float32 inputs: compare with the float32-rounded features' exact values.
     np.testing.assert_allclose(result.normality.numpy(), -dist.min(axis=1), rtol=1e-5)
@@ -157,36 +169,36 @@ def test_mahalanobis_matches_numpy_with_small_support():
 
 def test_mahalanobis_rejects_support_without_within_class_variation():
     with pytest.raises(ValueError, match="do not vary within any class"):
-        MahalanobisScorer().fit(torch.eye(3), torch.tensor([0, 1, 2]))
+        fit(MahalanobisScorer(), torch.eye(3), torch.tensor([0, 1, 2]))
 
 
 def test_featurenorm_selects_block_with_largest_ratio():
     support_norms = torch.tensor([[2.0, 4.0, 9.0, 1.0], [2.0, 6.0, 11.0, 1.0]])  # means 2, 5, 10, 1
     jigsaw_norms = torch.tensor([[1.0, 1.0, 4.0, 2.0], [1.0, 1.0, 6.0, 2.0], [1.0, 1.0, 5.0, 2.0]])  # 1, 1, 5, 2
     scorer = FeatureNormScorer()
-    assert scorer.uses_block_norms is True
-    scorer.fit(torch.zeros(2, 8), torch.tensor([0, 1]), block_norms=support_norms,
+    assert scorer.needs_block_norms is True
+    fit(scorer, torch.zeros(2, 8), torch.tensor([0, 1]), block_norms=support_norms,
                jigsaw_block_norms=jigsaw_norms)
     assert scorer.selected_block == 1
     assert torch.allclose(scorer.norm_ratios, torch.tensor([2.0, 5.0, 2.0, 0.5], dtype=torch.float64))
     target_norms = torch.tensor([[0.1, 0.7, 0.3, 0.2], [0.4, 0.2, 0.9, 0.8], [0.5, 1.5, 0.0, 0.1]])
-    result = scorer.score(torch.zeros(3, 8), block_norms=target_norms)
+    result = score(scorer, torch.zeros(3, 8), block_norms=target_norms)
     assert torch.equal(result.normality, target_norms[:, 1])
     assert result.pred is None
 
 
 def test_featurenorm_requires_block_norms():
     scorer = FeatureNormScorer()
-    with pytest.raises(ValueError, match="jigsaw_block_norms"):
-        scorer.fit(torch.zeros(2, 8), torch.tensor([0, 1]), block_norms=torch.ones(2, 4))
-    with pytest.raises(ValueError, match="block_norms"):
-        scorer.fit(torch.zeros(2, 8), torch.tensor([0, 1]))
-    scorer.fit(torch.zeros(2, 8), torch.tensor([0, 1]), block_norms=torch.ones(2, 4),
-               jigsaw_block_norms=torch.ones(3, 4))
-    with pytest.raises(ValueError, match="block_norms"):
-        scorer.score(torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="featurenorm needs jigsaw block_norms"):
+        fit(scorer, torch.zeros(2, 8), torch.tensor([0, 1]), block_norms=torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"featurenorm needs block_norms \(support\)"):
+        fit(scorer, torch.zeros(2, 8), torch.tensor([0, 1]))
+    fit(scorer, torch.zeros(2, 8), torch.tensor([0, 1]), block_norms=torch.ones(2, 4),
+        jigsaw_block_norms=torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"featurenorm needs block_norms \(scored\)"):
+        score(scorer, torch.zeros(3, 8))
     with pytest.raises(ValueError, match="3 blocks but fit saw 4"):
-        scorer.score(torch.zeros(3, 8), block_norms=torch.ones(3, 3))
+        score(scorer, torch.zeros(3, 8), block_norms=torch.ones(3, 3))
 
 
 def test_linear_probe_is_deterministic():
@@ -194,8 +206,8 @@ def test_linear_probe_is_deterministic():
     results = []
     for _ in range(2):
         scorer = LinearProbeScorer()
-        scorer.fit(support, support_labels)
-        results.append(scorer.score(targets))
+        fit(scorer, support, support_labels)
+        results.append(score(scorer, targets))
     assert torch.equal(results[0].normality, results[1].normality)
     assert torch.all((results[0].normality > 0) & (results[0].normality <= 1))
 
@@ -203,10 +215,10 @@ def test_linear_probe_is_deterministic():
 def test_registry_builds_every_baseline():
     for name in BASELINES:
         assert name in SCORERS
-        scorer = build_scorer(name, pair_logits=None, k=1, chunk_size=100)
-        assert scorer.name == name
-        assert getattr(scorer, "uses_block_norms", False) == (name == "featurenorm")
-    assert build_scorer("knn", pair_logits=None, k=4, chunk_size=100).k == 4
+        scorer = build_scorer(name)
+        assert scorer.name == name and not scorer.needs_pair_logits
+        assert scorer.needs_block_norms == (name == "featurenorm")
+    assert build_scorer("knn", {"NNK": 4}).k == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

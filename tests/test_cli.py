@@ -74,17 +74,37 @@ def test_target_is_refused_when_training_on_a_dataset_without_targets(dataset, t
     assert not out.exists()
 
 
-def test_input_errors_end_in_one_line_on_stderr(tmp_path, capsys):
+def test_input_errors_end_in_one_line_on_stderr(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "no_such_checkpoint"
     argv = ["--only_eval", "--dataset", "PACS_DG", "--target", "Photo", "--device", "cpu",
             "--data_root", str(tmp_path), "--checkpoint_folder_path", str(missing)]
+    # A missing checkpoint folder: exit 1, one line naming it.
     assert train.run_command_line(argv) == 1
     captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
-    assert str(tmp_path) in captured.err
-    # --traceback shows where the error came from instead.
-    with pytest.raises(ValueError, match=str(tmp_path)):
-        train.run_command_line(argv + ["--traceback"])
+    assert captured.err == f"error: checkpoint folder not found: {missing}\n"
+    # --debug_errors (or RESEND_DEBUG_ERRORS=1) shows where the error came from instead.
+    with pytest.raises(ValueError, match=str(missing)):
+        train.run_command_line(argv + ["--debug_errors"])
+    monkeypatch.setenv("RESEND_DEBUG_ERRORS", "1")
+    with pytest.raises(ValueError, match=str(missing)):
+        train.run_command_line(argv)
+    monkeypatch.delenv("RESEND_DEBUG_ERRORS")
+    # Under torchrun every rank fails alike and only rank 0 prints.
+    monkeypatch.setenv("RANK", "1")
+    train._report("error: on every rank")
+    monkeypatch.setenv("RANK", "0")
+    train._report("error: on every rank")
+    assert capsys.readouterr().err == "error: on every rank\n"
+
+
+def test_bad_data_and_bad_flag_combinations_exit_with_status_2(tmp_path, capsys):
+    argv = ["--only_eval", "--dataset", "PACS_DG", "--target", "Photo", "--device", "cpu",
+            "--data_root", str(tmp_path / "nowhere"), "--checkpoint_folder_path", str(tmp_path),
+            "--backbone_only", "--backbone_weights", "none", "--evaluator", "knn"]
+    assert train.run_command_line(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: data root {tmp_path / 'nowhere'} does not exist")
+    assert train.run_command_line(["--min_scale", "0.9", "--max_scale", "0.5", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: --min_scale 0.9 is larger than --max_scale 0.5\n"
 
 
 def test_interrupt_ends_in_one_line(monkeypatch, capsys):
@@ -100,7 +120,7 @@ def test_help_lists_every_flag_once(capsys):
     with pytest.raises(SystemExit):
         train.get_args_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--image_size", "--random_horiz_flip", "--traceback", "--min_scale"):
+    for flag in ("--image_size", "--random_horiz_flip", "--debug_errors", "--min_scale"):
         assert out.count(f"  {flag} ") == 1, flag
 
 

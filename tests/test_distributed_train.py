@@ -24,8 +24,9 @@ from models.relational import RelationalTransformer
 from models.resend import ReSeND
 from tests.dist_probe import fingerprint, free_port, launcher_env, read_probe, run_command
 from tests.imagegen import make_image_tree
-from training.loop import backward_micro_batch, validate_training_args
+from training.engine import backward_micro_batch
 from training.run_folder import prepare_run_folder
+from training.settings import Objective, Optimisation, ProcessSettings, ResumeSettings, RunSettings
 from training.state import TRAIN_STATE_FILE
 from utils.distributed import cleanup
 from utils.precision import grad_scaler
@@ -139,7 +140,10 @@ def test_one_process_resumes_a_two_process_checkpoint(restarted_run, data, tmp_p
     # One more iteration than the checkpoint's run: a change of --iterations needs --resume_override.
     run_here(train_argv(data, tmp_path / "unused", "--iterations", "5", "--resume", str(folder),
                         "--resume_override"))
-    assert f"resumed from {folder} at iteration 4" in (folder / "out.txt").read_text()
+    log = (folder / "out.txt").read_text()
+    # init_distributed_mode records the number of processes; a resume may change it, and says so.
+    assert (f"resumed from {folder} at iteration 4 ({os.path.realpath(folder / 'checkpoints' / 'it000004')}); "
+            "--resume_override: --iterations 4 -> 5; changed: --world_size 2 -> 1\n") in log
     after, iteration = checkpoint_fingerprint(folder)
     assert iteration == 5 and after != before
     assert load_model_folder(str(folder)).iteration == 5
@@ -150,12 +154,13 @@ def test_auto_resume_keeps_the_folder_of_an_attempt_that_died_before_its_first_c
     args = train.get_args_parser().parse_args(
         ["--dataset", "Folder", "--checkpoint_folder_path", str(tmp_path), "--auto_resume", "--device", "cpu"])
     base = tmp_path / RUN_FOLDER
-    first = prepare_run_folder(args)
+    settings = RunSettings.from_args(args), ResumeSettings.from_args(args), vars(args)
+    first = prepare_run_folder(*settings)
     assert (first.path, first.created, first.resume_state) == (str(base), True, None)
     # What an attempt writes before its first checkpoint does not make the folder foreign.
     (base / "out.txt").write_text("attempt 0\n")
     (base / "tensorboard").mkdir()
-    again = prepare_run_folder(args)
+    again = prepare_run_folder(*settings)
     assert (again.path, again.created, again.resume_state) == (str(base), False, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_FOLDER]
 
@@ -186,21 +191,21 @@ def test_restart_attempts_use_separate_store_keys(monkeypatch):
 PAIRS = 8
 
 
-def _grad_args(accum_steps, distributed):
+def _grad_settings(accum_steps):
+    """The objective and optimisation settings of train.py's defaults with `accum_steps`."""
     args = train.get_args_parser().parse_args(["--accum_steps", str(accum_steps), "--device", "cpu"])
-    args.distributed = distributed
-    return args
+    return Objective.from_args(args), Optimisation.from_args(args)
 
 
 def _grads(model, inputs, pair_ranges, accum_steps, distributed):
-    """Gradient of one iteration built by the training loop's own micro-step function."""
+    """Gradient of one iteration built by the training engine's own micro-step function."""
     for param in model.parameters():
         param.grad = None
-    args = _grad_args(accum_steps, distributed)
+    objective, optimisation = _grad_settings(accum_steps)
     images_a, images_b, relation = inputs
     for micro, (start, stop) in enumerate(pair_ranges):
-        backward_micro_batch(model, images_a[start:stop], images_b[start:stop], relation[start:stop], args,
-                             grad_scaler(torch.device("cpu"), "none"), torch.device("cpu"),
+        backward_micro_batch(model, images_a[start:stop], images_b[start:stop], relation[start:stop], objective,
+                             optimisation, grad_scaler(torch.device("cpu"), "none"), torch.device("cpu"),
                              last=micro == accum_steps - 1)
     inner = model.module if distributed else model
     return {name: p.grad.clone() for name, p in inner.named_parameters()}
@@ -366,6 +371,11 @@ def test_zero_accum_steps_or_batch_size_is_refused_before_writing(data, tmp_path
 
 def test_sync_bn_on_the_cpu_is_refused(data, tmp_path):
     args = train.get_args_parser().parse_args(train_argv(data, tmp_path, "--sync_bn", "true"))
-    args.distributed = True
-    with pytest.raises(ValueError, match="--sync_bn true needs --device cuda"):
-        validate_training_args(args)
+    args.device, args.distributed = torch.device("cpu"), True  # as init_distributed_mode leaves a launched CPU run
+    with pytest.raises(ValueError, match=r"^--sync_bn true needs --device cuda \(got cpu\); use --sync_bn false on "
+                                         r"the CPU$"):
+        ProcessSettings.from_args(args)
+    # Not given, it is on for CUDA only: a distributed CPU run goes without.
+    args.sync_bn = None
+    assert ProcessSettings.from_args(args) == ProcessSettings(device=torch.device("cpu"), distributed=True,
+                                                              sync_bn=False)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import utils.distributed as distributed
 from utils.distributed import (add_distributed_args, all_gather_object, all_reduce_mean, broadcast_object,
                                cleanup, gather_by_index, get_rank, get_world_size, init_distributed_mode,
-                               is_dist_avail_and_initialized, is_main_process, resolve_world_batch)
+                               is_dist_avail_and_initialized, is_main_process)
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -65,9 +65,10 @@ def test_single_process_init(clean_env):
     args = parse(["--device", "cpu"])
     init_distributed_mode(args)
     assert args.distributed is False
-    assert (args.rank, args.world_size, args.local_rank) == (0, 1, 0)
-    assert args.gpu is None
-    assert args.device == torch.device("cpu")
+    assert (args.world_size, args.local_rank) == (1, 0)
+    # The rank is get_rank(); no copy of it (or of the GPU index, which is the device's) goes on args.
+    assert not {"rank", "gpu"} & set(vars(args))
+    assert args.device == torch.device("cpu") and isinstance(args.device, torch.device)
     assert args.dist_backend == "gloo"
     assert not is_dist_avail_and_initialized()
     assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
@@ -138,7 +139,7 @@ def test_launched_init_uses_env_method_and_timeout(clean_env):
     init_distributed_mode(args)
     assert calls == [dict(backend="gloo", init_method="env://", world_size=4, rank=2,
                           timeout=timedelta(minutes=7))]
-    assert (args.distributed, args.rank, args.world_size, args.local_rank) == (True, 2, 4, 0)
+    assert (args.distributed, args.world_size, args.local_rank) == (True, 4, 0)
 
 
 def test_non_master_print_is_silenced(clean_env):
@@ -180,15 +181,6 @@ def test_single_process_gather_by_index():
         gather_by_index(torch.arange(3), torch.tensor([0, 1]), 2)
 
 
-def test_resolve_world_batch():
-    assert resolve_world_batch(256, 16, 1) == 4096
-    assert resolve_world_batch(256, 4, 4) == 4096
-    with pytest.raises(ValueError, match="batch_size"):
-        resolve_world_batch(0, 2, 1)
-    with pytest.raises(ValueError, match="accum_steps"):
-        resolve_world_batch(8, 2, 0)
-
-
 # --- a real 2-process gloo group ------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -204,7 +196,7 @@ def _checks_on_rank(rank: int, world_size: int) -> dict:
     args = add_distributed_args(argparse.ArgumentParser()).parse_args(
         ["--device", "cpu", "--dist_timeout_minutes", "1"])
     init_distributed_mode(args)
-    seen = {"args": [args.distributed, args.rank, args.world_size, args.local_rank, str(args.device),
+    seen = {"args": [args.distributed, args.world_size, args.local_rank, str(args.device),
                      args.dist_backend],
             "rank_ws": [get_rank(), get_world_size(), is_main_process()]}
 
@@ -241,13 +233,6 @@ def _checks_on_rank(rank: int, world_size: int) -> dict:
         seen["missing"] = "no error"
     except RuntimeError as err:
         seen["missing"] = str(err)
-
-    # The logger's meters reduce through the same group: counts and totals add up over ranks.
-    from utils.logger import SmoothedValue
-    meter = SmoothedValue()
-    meter.update(rank + 1.0, n=rank + 1)
-    meter.synchronize_between_processes()
-    seen["meter"] = [meter.count, meter.total, meter.value]
 
     distributed.barrier()
     cleanup()
@@ -293,7 +278,7 @@ def test_two_process_gloo(tmp_path):
     assert len(shards[0]) == len(shards[1]) == 3 and set(shards[0] + shards[1]) == set(range(5))
 
     for rank, seen in enumerate(results):
-        assert seen["args"] == [True, rank, 2, rank, "cpu", "gloo"]
+        assert seen["args"] == [True, 2, rank, "cpu", "gloo"]
         assert seen["rank_ws"] == [rank, 2, rank == 0]
         assert seen["printed"] == ("plain\nforced\n" if rank == 0 else "forced\n")
         assert seen["mean_float"] == [1.5, 5.0]
@@ -307,5 +292,4 @@ def test_two_process_gloo(tmp_path):
         assert seen["gather_unequal"] == [i / 2 for i in range(6)]
         assert seen["gather_empty_shard"] == [i * 2 for i in range(6)]
         assert "[1]" in seen["missing"] and "1 of 3" in seen["missing"]
-        assert seen["meter"] == [3, 5.0, rank + 1.0]  # global over ranks, window stays local
         assert seen["after_cleanup"] is False

@@ -36,7 +36,8 @@ def save(folder, parts, iteration):
     with torch.no_grad():
         model.relational.head.bias.fill_(iteration)
         model.backbone.bn1.bias.fill_(iteration)
-    return write_generation(str(folder), model, optimizer, scaler, iteration, pairs_seen=8 * iteration, args=args)
+    return write_generation(str(folder), model, optimizer, scaler, iteration, pairs_seen=8 * iteration,
+                            flags=vars(args))
 
 
 def assert_one_generation(folder, iteration):
@@ -206,20 +207,20 @@ def test_save_model_folder_refuses_a_run_folder(tmp_path, parts):
 
 def test_best_is_the_highest_mean_auroc_of_the_periodic_evaluations_across_resumes(image_tree, tmp_path,
                                                                                   monkeypatch):
-    import training.loop
+    import training.main
     from tests.test_training import run, train_argv
     root = image_tree({"train/a": 4, "train/b": 4, "train/c": 4, "target/a": 3, "target/b": 3, "target/d": 3},
                       root=tmp_path / "data", size=20)
     out = tmp_path / "out"
     scores = {}
-    real_candidate = training.loop.best_candidate
+    real_candidate = training.main.best_candidate
 
     def recording_candidate(results, iteration):
         candidate = real_candidate(results, iteration)
         scores[iteration] = candidate["score"]
         return candidate
 
-    monkeypatch.setattr(training.loop, "best_candidate", recording_candidate)
+    monkeypatch.setattr(training.main, "best_candidate", recording_candidate)
     evaluation = ["--eval_dataset", "Folder", "--source_dir", str(root / "train"), "--target_dir", str(root / "target"),
                   "--eval_period", "2", "--eval_batch_size", "9"]
     # Evaluations at 2, 4, 6; saves at 3 and 6: a best evaluation at 2 or 4 needs a generation of its own.

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from utils.optim import build_optimizer, lr_at_iteration, set_lr
+from utils.optim import STEP_GAMMA, build_optimizer, lr_at_iteration, set_lr
 
 TRUST, EPS = 0.001, 1e-8
 
@@ -64,7 +64,7 @@ def test_lars_matches_torchlars_update():
 
 def test_lars_leaves_grad_untouched_and_skips_missing_grads():
     params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
-    optimizer = build_optimizer(params, "lars", lr=1.0)
+    optimizer = build_optimizer(params, "lars", lr=1.0, momentum=0.9, weight_decay=5e-4)
     params[0].grad = torch.full((3,), 2.0)
     optimizer.step()
     assert torch.equal(params[0].grad, torch.full((3,), 2.0))
@@ -82,12 +82,13 @@ def test_sgd_settings():
 
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="adamw"):
-        build_optimizer([torch.nn.Parameter(torch.ones(2))], "adamw", lr=0.1)
+        build_optimizer([torch.nn.Parameter(torch.ones(2))], "adamw", lr=0.1, momentum=0.9, weight_decay=0.0)
 
 
 def test_set_lr_sets_every_group():
     a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
-    optimizer = build_optimizer([{"params": [a]}, {"params": [b], "lr": 5.0}], "sgd", lr=0.1)
+    optimizer = build_optimizer([{"params": [a]}, {"params": [b], "lr": 5.0}], "sgd", lr=0.1, momentum=0.9,
+                                weight_decay=0.0)
     set_lr(optimizer, 0.25)
     assert [g["lr"] for g in optimizer.param_groups] == [0.25, 0.25]
 
@@ -103,13 +104,14 @@ def test_set_lr_sets_every_group():
     (200, 0.001),   # 2 * step_after
 ])
 def test_step_schedule(iteration, expected):
-    lr = lr_at_iteration(iteration, base_lr=0.1, warmup=10, step_after=100)
+    lr = lr_at_iteration(iteration, base_lr=0.1, warmup=10, step_after=100, schedule="step")
     assert lr == pytest.approx(expected, rel=1e-12)
 
 
 def test_step_schedule_gamma_and_no_warmup():
-    assert lr_at_iteration(0, 1.0, 0, 5) == 1.0
-    assert lr_at_iteration(10, 1.0, 0, 5, step_gamma=0.5) == pytest.approx(0.25)
+    assert lr_at_iteration(0, 1.0, 0, 5, "step") == 1.0
+    assert lr_at_iteration(10, 1.0, 0, 5, "step") == pytest.approx(STEP_GAMMA ** 2)
+    assert lr_at_iteration(10, 1.0, 0, 5, "step", step_gamma=0.5) == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("iteration, expected", [
@@ -132,14 +134,14 @@ def test_cosine_with_warmup_equal_to_total():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(iteration=0, base_lr=0.1, warmup=20, step_after=5, total_iterations=10), "warmup"),
-    (dict(iteration=11, base_lr=0.1, warmup=2, step_after=5, total_iterations=10), "iteration"),
-    (dict(iteration=-1, base_lr=0.1, warmup=2, step_after=5), "iteration"),
-    (dict(iteration=0, base_lr=-0.1, warmup=2, step_after=5), "base_lr"),
-    (dict(iteration=0, base_lr=0.1, warmup=-2, step_after=5), "warmup"),
-    (dict(iteration=0, base_lr=0.1, warmup=2, step_after=0), "step_after"),
-    (dict(iteration=0, base_lr=0.1, warmup=2, step_after=-5), "step_after"),
-    (dict(iteration=0, base_lr=0.1, warmup=2, step_after=5, step_gamma=0.0), "step_gamma"),
+    (dict(iteration=0, base_lr=0.1, warmup=20, schedule="step", step_after=5, total_iterations=10), "warmup"),
+    (dict(iteration=11, base_lr=0.1, warmup=2, schedule="step", step_after=5, total_iterations=10), "iteration"),
+    (dict(iteration=-1, base_lr=0.1, warmup=2, schedule="step", step_after=5), "iteration"),
+    (dict(iteration=0, base_lr=-0.1, warmup=2, schedule="step", step_after=5), "base_lr"),
+    (dict(iteration=0, base_lr=0.1, warmup=-2, schedule="step", step_after=5), "warmup"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="step", step_after=0), "step_after"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="step", step_after=-5), "step_after"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="step", step_after=5, step_gamma=0.0), "step_gamma"),
     (dict(iteration=0, base_lr=0.1, warmup=2, step_after=5, schedule="linear"), "linear"),
     (dict(iteration=0, base_lr=0.1, warmup=2, step_after=5, schedule="cosine"), "total_iterations"),
 ])

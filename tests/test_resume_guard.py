@@ -12,12 +12,12 @@ import train
 from models.checkpoint import load_model_folder
 from tests.test_run_folder import RUN, snapshot
 from tests.test_training import final_state, interrupt_at, run, train_argv
-from training.loop import TrainingInterrupted
 from training.state import RESUME_FREE, RESUME_MAY_CHANGE, RESUME_MUST_MATCH, ResumeMismatchError
+from training.stopping import TrainingInterrupted
 
 GENERATION_FILES = ("feature_extractor.pkl", "cls_rel.pkl", "last_checkpoint.txt", "checkpoint.pth")
-# Set on args by init_distributed_mode, not by the parser; recorded in checkpoint.pth all the same.
-RUNTIME_ARGS = {"rank", "world_size", "gpu", "distributed"}
+# Set on args by init_distributed_mode and train.parse_command_line, not by the parser; recorded all the same.
+RUNTIME_ARGS = {"world_size", "distributed", "explicit_flags"}
 
 
 @pytest.fixture
@@ -91,23 +91,27 @@ def test_an_overridden_resume_is_logged_and_recorded(train_root, tmp_path, train
 
 
 def flatten(folder):
-    """Turn a run folder into the layout of this project's older versions: regular files, no checkpoints/."""
+    """Turn a run folder into what this project's older versions wrote: regular files, no checkpoints/, and a
+    checkpoint.pth whose flags include `rank` and `gpu` and which holds a copy of the schedule."""
     for name in GENERATION_FILES:
         target = os.path.realpath(folder / name)
         os.remove(folder / name)
         shutil.copyfile(target, folder / name)
     shutil.rmtree(folder / "checkpoints")
+    state = torch.load(folder / "checkpoint.pth", weights_only=False)
+    assert "schedule" not in state and not {"rank", "gpu"} & set(state["args"])
+    state["args"].update(rank=0, gpu=None)
+    state["schedule"] = {key: state["args"][key] for key in ("learning_rate", "warmup", "step_after", "lr_schedule",
+                                                             "iterations")}
+    torch.save(state, folder / "checkpoint.pth")
 
 
-def test_an_older_flat_run_folder_loads_and_resumes_to_the_uninterrupted_weights(train_root, tmp_path,
-                                                                                 monkeypatch):
+def test_an_older_flat_run_folder_loads_and_resumes_to_the_uninterrupted_weights(train_root, tmp_path):
     straight = tmp_path / "straight"
     run(train_argv(train_root, straight, "--iterations", "6"))
     out = tmp_path / "out"
-    interrupt_at(monkeypatch, 5)
-    with pytest.raises(TrainingInterrupted):
+    with interrupt_at(5), pytest.raises(TrainingInterrupted):
         run(train_argv(train_root, out, "--iterations", "6"))
-    monkeypatch.undo()
     folder = out / RUN
     flatten(folder)
     (folder / ".tmp_k3j4h5g6.pth").write_bytes(b"an older version's leftover")

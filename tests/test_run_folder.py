@@ -12,13 +12,15 @@ import pytest
 import torch
 
 import train
-import training.loop
 from datasets.image_lists import DataError
 from models.backbone import ResNetBackbone
 from models.checkpoint import save_model_folder
 from models.relational import RelationalTransformer
 from tests.test_training import run, train_argv
+from training.pair_stream import PairStream
 from training.run_folder import RunFolderError, claim_run_folder
+from training.settings import ResumeSettings, RunSettings
+from training.state import Checkpoints
 from utils.atomic_files import host_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +50,11 @@ def entries(out):
     return sorted(name for name in os.listdir(out) if name != ".cache")
 
 
-def parsed(out, *extra):
-    return train.get_args_parser().parse_args(
+def claim_for(out, *extra):
+    """claim_run_folder with the settings of train.py's flags for a Folder run under `out`."""
+    args = train.get_args_parser().parse_args(
         ["--dataset", "Folder", "--checkpoint_folder_path", str(out), "--device", "cpu", *extra])
+    return claim_run_folder(RunSettings.from_args(args), ResumeSettings.from_args(args), vars(args))
 
 
 # ---------------------------------------------------------------- creation
@@ -66,7 +70,7 @@ def test_a_folder_created_between_check_and_create_is_not_shared(tmp_path, monke
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", racing_mkdir)
-    claimed = claim_run_folder(parsed(tmp_path))
+    claimed = claim_for(tmp_path)
     assert claimed.path == f"{base}_1" and claimed.created
     assert os.listdir(base) == []
 
@@ -78,7 +82,7 @@ def test_trainings_started_together_get_distinct_folders(tmp_path):
     def claim():
         try:
             start.wait()
-            claimed.append(claim_run_folder(parsed(tmp_path)).path)
+            claimed.append(claim_for(tmp_path).path)
         except BaseException as error:  # reported below
             errors.append(error)
 
@@ -178,7 +182,7 @@ def test_a_failure_before_the_first_checkpoint_leaves_no_run_folder(train_root, 
         raise RuntimeError("injected before the first save")
         yield  # a generator, as the real one
 
-    monkeypatch.setattr(training.loop.PairStream, "batches", failing_batches)
+    monkeypatch.setattr(PairStream, "batches", failing_batches)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="^injected before the first save$"):
         run(train_argv(train_root, out, "--iterations", "3"))
@@ -190,15 +194,14 @@ def test_a_failure_never_removes_a_folder_that_existed(train_root, tmp_path, mon
     run(train_argv(train_root, out, "--iterations", "3"))
     folder = out / RUN
     before = {k: v for k, v in snapshot(folder).items() if not k.startswith(("out.txt", "tensorboard"))}
-    real_save = training.loop.Checkpoints.save
 
     def failing_save(self, *args, **kwargs):
         raise RuntimeError("injected in the first save")
 
-    monkeypatch.setattr(training.loop.Checkpoints, "save", failing_save)
+    monkeypatch.setattr(Checkpoints, "save", failing_save)
     with pytest.raises(RuntimeError, match="injected in the first save"):
         run(train_argv(train_root, out, "--iterations", "6", "--resume", "--resume_override"))
-    monkeypatch.setattr(training.loop.Checkpoints, "save", real_save)
+    monkeypatch.undo()
     after = {k: v for k, v in snapshot(folder).items() if not k.startswith(("out.txt", "tensorboard", "args."))}
     assert after == {k: v for k, v in before.items() if not k.startswith("args.")}
     log = (folder / "out.txt").read_text()

@@ -1,22 +1,41 @@
 """Tests for evaluation.scorers: argument order, chunking, prototypes, selection, kNN, registry."""
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
 
 from evaluation.metrics import compute_metrics
-from evaluation.scorers import (
-    SCORERS,
+from evaluation.evaluate import few_shot_indices
+from evaluation.scorers import SCORERS, FeatureBatch, Scorer, ScoreResult, ScoringInputs, build_scorer, register_scorer
+from evaluation.scorers.base import DEFAULT_PAIR_CHUNK, hyperparameter, scorer_flags
+from evaluation.scorers.resend import (
     KnnRelationalScorer,
     MostSignificantPrototypesScorer,
     RelationalPrototypeScorer,
-    Scorer,
-    ScoreResult,
-    build_scorer,
     farthest_point_indices,
-    few_shot_indices,
-    register_scorer,
     resend_similarity,
 )
+
+
+class bind:
+    """A ReSeND scorer with its pair logits bound, fitted and scored on plain tensors (as the engine does)."""
+
+    def __init__(self, cls, pair_logits, chunk_size=DEFAULT_PAIR_CHUNK, **hyper):
+        self.scorer = cls(**hyper)
+        self.pair_logits = pair_logits
+        self.chunk_size = chunk_size
+
+    def fit(self, feats, labels):
+        self.scorer.fit(ScoringInputs(FeatureBatch(feats, labels), pair_logits=self.pair_logits,
+                                      pair_chunk=self.chunk_size))
+        return self
+
+    def score(self, feats):
+        return self.scorer.score(FeatureBatch(feats))
+
+    def __getattr__(self, name):
+        return getattr(self.scorer, name)
 
 
 def neg_euclidean(a, b):
@@ -63,9 +82,9 @@ def gaussian_problem(seed=0, dim=8, n_support=20, n_known=30, n_unknown=30):
 @pytest.mark.parametrize(
     "scorer",
     [
-        lambda: RelationalPrototypeScorer(l2_head(neg_euclidean)),
-        lambda: MostSignificantPrototypesScorer(l2_head(neg_euclidean), k=3),
-        lambda: KnnRelationalScorer(l2_head(neg_euclidean), k=5),
+        lambda: bind(RelationalPrototypeScorer, l2_head(neg_euclidean)),
+        lambda: bind(MostSignificantPrototypesScorer, l2_head(neg_euclidean), k=3),
+        lambda: bind(KnnRelationalScorer, l2_head(neg_euclidean), k=5),
     ],
     ids=["prototype", "msp", "knn"],
 )
@@ -88,7 +107,7 @@ def test_prototypes_are_class_means_and_target_goes_first():
     support[:, -1] = 0.0
     targets[:, -1] = 1.0
     sim = RecordingLogits(asymmetric)
-    scorer = RelationalPrototypeScorer(sim, chunk_size=5)
+    scorer = bind(RelationalPrototypeScorer, sim, chunk_size=5)
     scorer.fit(support, support_labels)
     means = torch.stack([support[support_labels == c].mean(dim=0) for c in range(3)])
     assert torch.allclose(scorer.prototypes, means)
@@ -113,9 +132,9 @@ def test_prototypes_are_class_means_and_target_goes_first():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda sim, cs: RelationalPrototypeScorer(sim, chunk_size=cs),
-        lambda sim, cs: MostSignificantPrototypesScorer(sim, k=4, chunk_size=cs),
-        lambda sim, cs: KnnRelationalScorer(sim, k=3, chunk_size=cs),
+        lambda sim, cs: bind(RelationalPrototypeScorer, sim, chunk_size=cs),
+        lambda sim, cs: bind(MostSignificantPrototypesScorer, sim, k=4, chunk_size=cs),
+        lambda sim, cs: bind(KnnRelationalScorer, sim, k=3, chunk_size=cs),
     ],
     ids=["prototype", "msp", "knn"],
 )
@@ -142,12 +161,12 @@ def test_farthest_point_selection_on_1d_example():
     # Class 1 at 100, 101, 105 (mean 102), k larger than the class: 101, then 105, then 100.
     values = torch.tensor([1.0, 100.0, 0.0, 11.0, 105.0, 5.0, 7.5, 101.0]).unsqueeze(1)
     labels = torch.tensor([0, 1, 0, 0, 1, 0, 0, 1])
-    scorer = MostSignificantPrototypesScorer(l2_head(lambda a, b: -torch.abs(a - b).squeeze(1)), k=4)
+    scorer = bind(MostSignificantPrototypesScorer, l2_head(lambda a, b: -torch.abs(a - b).squeeze(1)), k=4)
     scorer.fit(values, labels)
     assert scorer.prototype_indices.tolist() == [5, 3, 2, 6, 7, 4, 1]
     assert scorer.prototypes.squeeze(1).tolist() == [5.0, 11.0, 0.0, 7.5, 101.0, 105.0, 100.0]
     assert scorer.prototype_labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
-    whole = MostSignificantPrototypesScorer(l2_head(neg_euclidean), k=10)
+    whole = bind(MostSignificantPrototypesScorer, l2_head(neg_euclidean), k=10)
     whole.fit(values, labels)
     assert whole.prototype_indices.tolist() == [5, 3, 2, 6, 0, 7, 4, 1]
     # Target 7: class 0's best prototype is 7.5 (-0.5), class 1's is 100 (-93).
@@ -164,7 +183,7 @@ def test_farthest_point_selection_on_1d_example():
 def test_knn_mean_of_top_k_on_hand_example():
     support = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
     labels = torch.tensor([0, 0, 0, 1, 1])
-    scorer = KnnRelationalScorer(l2_head(lambda a, b: -torch.abs(a - b).squeeze(1)), k=2)
+    scorer = bind(KnnRelationalScorer, l2_head(lambda a, b: -torch.abs(a - b).squeeze(1)), k=2)
     scorer.fit(support, labels)
     result = scorer.score(torch.tensor([[1.25], [10.75], [6.5]]))
     # 1.25: nearest 1 (-0.25) and 2 (-0.75); 10.75: 11 (-0.25) and 10 (-0.75);
@@ -172,14 +191,14 @@ def test_knn_mean_of_top_k_on_hand_example():
     assert torch.allclose(result.normality, torch.tensor([-0.5, -0.5, -4.0]))
     assert result.pred.tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match="exceeds the support set size"):
-        KnnRelationalScorer(l2_head(neg_euclidean), k=6).fit(support, labels)
+        bind(KnnRelationalScorer, l2_head(neg_euclidean), k=6).fit(support, labels)
 
 
 def test_outputs_carry_no_gradient_and_stay_on_device():
     support, support_labels, targets, _ = gaussian_problem(n_support=3, n_known=2, n_unknown=2)
     support.requires_grad_(True)
     targets.requires_grad_(True)
-    scorer = RelationalPrototypeScorer(l2_head(neg_euclidean))
+    scorer = bind(RelationalPrototypeScorer, l2_head(neg_euclidean))
     scorer.fit(support, support_labels)
     result = scorer.score(targets)
     assert not result.normality.requires_grad
@@ -189,27 +208,29 @@ def test_outputs_carry_no_gradient_and_stay_on_device():
 def test_support_and_target_validation():
     feats = torch.randn(6, 4)
     with pytest.raises(ValueError, match=r"missing class\(es\) \[1\]"):
-        RelationalPrototypeScorer(l2_head(neg_euclidean)).fit(feats, torch.tensor([0, 0, 2, 2, 3, 3]))
+        bind(RelationalPrototypeScorer, l2_head(neg_euclidean)).fit(feats, torch.tensor([0, 0, 2, 2, 3, 3]))
     with pytest.raises(ValueError, match="shape"):
-        RelationalPrototypeScorer(l2_head(neg_euclidean)).fit(feats, torch.tensor([0, 1, 2]))
+        bind(RelationalPrototypeScorer, l2_head(neg_euclidean)).fit(feats, torch.tensor([0, 1, 2]))
     with pytest.raises(RuntimeError, match="before fit"):
-        RelationalPrototypeScorer(l2_head(neg_euclidean)).score(feats)
-    scorer = RelationalPrototypeScorer(l2_head(neg_euclidean))
+        bind(RelationalPrototypeScorer, l2_head(neg_euclidean)).score(feats)
+    scorer = bind(RelationalPrototypeScorer, l2_head(neg_euclidean))
     scorer.fit(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
     with pytest.raises(ValueError, match=r"\[M, 4\]"):
         scorer.score(torch.randn(3, 5))
-    three_outputs = RelationalPrototypeScorer(lambda a, b: neg_euclidean(a, b).unsqueeze(1).expand(-1, 3))
+    three_outputs = bind(RelationalPrototypeScorer, lambda a, b: neg_euclidean(a, b).unsqueeze(1).expand(-1, 3))
     three_outputs.fit(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
     with pytest.raises(ValueError, match=r"\[B, 1\] \(L2 head\) or \[B, 2\] \(CE head\); got shape \(18, 3\)"):
         three_outputs.score(feats)
-    too_few_rows = RelationalPrototypeScorer(lambda a, b: l2_head(neg_euclidean)(a, b)[1:])
+    too_few_rows = bind(RelationalPrototypeScorer, lambda a, b: l2_head(neg_euclidean)(a, b)[1:])
     too_few_rows.fit(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
     with pytest.raises(ValueError, match=r"shape \(17,\) for a batch of 18 pairs; expected \[B\]"):
         too_few_rows.score(feats)
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
-        RelationalPrototypeScorer(l2_head(neg_euclidean), chunk_size=0)
+    with pytest.raises(ValueError, match="pair_chunk must be a positive integer, got 0"):
+        bind(RelationalPrototypeScorer, l2_head(neg_euclidean), chunk_size=0).fit(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
     with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
-        MostSignificantPrototypesScorer(l2_head(neg_euclidean), k=0)
+        bind(MostSignificantPrototypesScorer, l2_head(neg_euclidean), k=0)
+    with pytest.raises(ValueError, match="resend needs the relational module's pair logits"):
+        RelationalPrototypeScorer().fit(ScoringInputs(FeatureBatch(feats, torch.tensor([0, 0, 1, 1, 2, 2]))))
 
 
 def test_few_shot_indices_counts_and_determinism():
@@ -228,28 +249,40 @@ def test_few_shot_indices_counts_and_determinism():
 
 
 def test_registry_and_build_scorer(monkeypatch):
-    assert {"resend", "resend_msp", "resend_knn"} <= set(SCORERS)
+    assert list(SCORERS)[:3] == ["resend", "resend_msp", "resend_knn"]
     assert SCORERS["resend"] is RelationalPrototypeScorer
-    context = {"pair_logits": l2_head(neg_euclidean), "k": 4, "chunk_size": 7, "unrelated": "ignored"}
-    knn = build_scorer("resend_knn", **context)
-    assert isinstance(knn, KnnRelationalScorer) and knn.k == 4 and knn.chunk_size == 7
-    assert build_scorer("resend", **context).name == "resend"
-    with pytest.raises(ValueError, match="resend_knn"):
-        build_scorer("nope", **context)
-    with pytest.raises(ValueError, match="'k'"):
-        build_scorer("resend_msp", pair_logits=l2_head(neg_euclidean))
+    # Hyperparameters come from the flag values given, keyed by flag; other flags are ignored.
+    knn = build_scorer("resend_knn", {"NNK": 4, "unrelated": "ignored"})
+    assert isinstance(knn, KnnRelationalScorer) and knn.k == 4
+    assert build_scorer("resend_knn").k == 1 and build_scorer("resend").name == "resend"
+    with pytest.raises(ValueError, match="unknown scorer 'nope'; registered scorers: resend, resend_msp"):
+        build_scorer("nope")
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
+        build_scorer("knn", {"NNK": 0})
 
+    @dataclass
     class PostHoc(Scorer):
-        """A baseline that takes no similarity callable."""
+        """A baseline with its own flag."""
 
-        def __init__(self, shrinkage: float = 0.0):
-            self.shrinkage = shrinkage
+        shrinkage: float = hyperparameter(0.0, "shrinkage", flag="test_shrinkage")
 
     monkeypatch.setitem(SCORERS, "dummy_posthoc", PostHoc)
-    posthoc = build_scorer("dummy_posthoc", shrinkage=0.5, **context)
-    assert isinstance(posthoc, PostHoc) and posthoc.shrinkage == 0.5
-    with pytest.raises(ValueError, match="already registered"):
-        register_scorer("resend")(PostHoc)
+    assert build_scorer("dummy_posthoc", {"test_shrinkage": 0.5, "NNK": 3}).shrinkage == 0.5
+    assert scorer_flags()["test_shrinkage"]["scorers"] == ["dummy_posthoc"]
+    with pytest.raises(ValueError, match="scorer name 'resend' is already registered"):
+        register_scorer("resend", "again")(PostHoc)
+    with pytest.raises(TypeError, match="must be a dataclass"):
+        register_scorer("not_a_dataclass", "x")(type("Plain", (Scorer,), {}))
+
+
+def test_scorers_sharing_a_flag_must_share_its_default(monkeypatch):
+    @dataclass
+    class OtherK(Scorer):
+        k: int = hyperparameter(5, "K", flag="NNK")
+
+    monkeypatch.setitem(SCORERS, "other_k", OtherK)
+    with pytest.raises(ValueError, match="--NNK: scorer other_k defaults to 5 but"):
+        scorer_flags()
 
 
 def test_resend_similarity_is_the_negated_raw_l2_logit_or_the_ce_same_class_logit():
@@ -275,7 +308,7 @@ def test_raw_and_squashed_logits_rank_targets_differently():
     table = {0: {0: -3.0, 1: 0.0}, 1: {0: -0.2, 1: 0.2}}
     support = torch.tensor([[0.0], [1.0]])
     targets = torch.tensor([[0.0], [1.0]])
-    scorer = RelationalPrototypeScorer(table_logits(table))
+    scorer = bind(RelationalPrototypeScorer, table_logits(table))
     scorer.fit(support, torch.tensor([0, 1]))
     result = scorer.score(targets)
     raw = torch.tensor([[3.0, 0.0], [0.2, -0.2]])
@@ -291,9 +324,9 @@ def test_raw_and_squashed_logits_rank_targets_differently():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda logits: RelationalPrototypeScorer(logits),
-        lambda logits: MostSignificantPrototypesScorer(logits, k=2),
-        lambda logits: KnnRelationalScorer(logits, k=2),
+        lambda logits: bind(RelationalPrototypeScorer, logits),
+        lambda logits: bind(MostSignificantPrototypesScorer, logits, k=2),
+        lambda logits: bind(KnnRelationalScorer, logits, k=2),
     ],
     ids=["prototype", "msp", "knn"],
 )
@@ -322,6 +355,6 @@ def test_farthest_point_selection_follows_the_authors_float16_and_swap_order():
     assert farthest_point_indices(feats, 2).tolist() == [2, 1]
     assert farthest_point_indices(feats, 2, half_precision=False).tolist() == [2, 0]
     assert farthest_point_indices(feats, 5).tolist() == [2, 1, 0]
-    scorer = MostSignificantPrototypesScorer(l2_head(neg_euclidean), k=2)
+    scorer = bind(MostSignificantPrototypesScorer, l2_head(neg_euclidean), k=2)
     scorer.fit(feats, torch.zeros(3, dtype=torch.long))
     assert scorer.prototype_indices.tolist() == [2, 1]

@@ -11,7 +11,7 @@ import torch
 from models.checkpoint import load_model_folder
 from tests.test_run_folder import REPO_ROOT, RUN, entries, snapshot
 from tests.test_training import interrupt_at, run, train_argv
-from training.loop import NonFiniteError, StopSignals, TrainingInterrupted
+from training.stopping import NonFiniteError, StopSignals, TrainingInterrupted
 
 
 @pytest.fixture
@@ -67,11 +67,9 @@ def test_a_nan_run_exits_with_status_1_and_one_line(train_root, tmp_path):
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_after_the_iteration_and_keeps_the_last_checkpoint(train_root, tmp_path, monkeypatch,
-                                                                          signum, code):
+def test_a_signal_stops_after_the_iteration_and_keeps_the_last_checkpoint(train_root, tmp_path, signum, code):
     out = tmp_path / "out"
-    interrupt_at(monkeypatch, 5, signum)
-    with pytest.raises(TrainingInterrupted) as caught:
+    with interrupt_at(5, signum), pytest.raises(TrainingInterrupted) as caught:
         run(train_argv(train_root, out, "--iterations", "6"))
     folder = out / RUN
     assert str(caught.value) == (f"interrupted by {signum.name} at iteration 5; last checkpoint: iteration 3 "
@@ -84,13 +82,11 @@ def test_a_signal_stops_after_the_iteration_and_keeps_the_last_checkpoint(train_
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_save_on_interrupt_saves_the_current_iteration(train_root, tmp_path, monkeypatch):
+def test_save_on_interrupt_saves_the_current_iteration(train_root, tmp_path):
     out = tmp_path / "out"
-    interrupt_at(monkeypatch, 5)
-    with pytest.raises(TrainingInterrupted, match=r"^interrupted by SIGINT at iteration 5; last checkpoint: "
-                                                  r"iteration 5 \(.*/checkpoints/it000005\)$"):
+    message = r"^interrupted by SIGINT at iteration 5; last checkpoint: iteration 5 \(.*/checkpoints/it000005\)$"
+    with interrupt_at(5), pytest.raises(TrainingInterrupted, match=message):
         run(train_argv(train_root, out, "--iterations", "6", "--save_on_interrupt"))
-    monkeypatch.undo()
     folder = out / RUN
     assert load_model_folder(str(folder)).iteration == 5
     assert sorted(os.listdir(folder / "checkpoints")) == ["it000005", "last"]
@@ -99,18 +95,17 @@ def test_save_on_interrupt_saves_the_current_iteration(train_root, tmp_path, mon
     assert f"resumed from {folder} at iteration 5" in (folder / "out.txt").read_text()
 
 
-def test_an_interrupt_before_the_first_checkpoint_leaves_no_run_folder(train_root, tmp_path, monkeypatch):
+def test_an_interrupt_before_the_first_checkpoint_leaves_no_run_folder(train_root, tmp_path):
     out = tmp_path / "out"
-    interrupt_at(monkeypatch, 2)
-    with pytest.raises(TrainingInterrupted, match=r"^interrupted by SIGINT at iteration 2; no checkpoint saved; "
-                                                  f"run folder {re.escape(str(out / RUN))} removed$"):
+    folder = re.escape(str(out / RUN))
+    message = f"^interrupted by SIGINT at iteration 2; no checkpoint saved; run folder {folder} removed$"
+    with interrupt_at(2), pytest.raises(TrainingInterrupted, match=message):
         run(train_argv(train_root, out, "--iterations", "6"))
     assert entries(out) == []
 
 
 def test_a_second_signal_abandons_the_save_and_keeps_the_previous_generation(train_root, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    interrupt_at(monkeypatch, 5)
     monkeypatch.setattr(StopSignals, "REPEAT_AFTER_S", 0.0)  # the second one counts however soon it comes
     real_save = torch.save
     saves = []
@@ -122,8 +117,8 @@ def test_a_second_signal_abandons_the_save_and_keeps_the_previous_generation(tra
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_then_signal)
-    with pytest.raises(TrainingInterrupted, match=r"^interrupted by SIGINT at iteration 5; last checkpoint: "
-                                                  r"iteration 3 \(.*/checkpoints/it000003\)$"):
+    message = r"^interrupted by SIGINT at iteration 5; last checkpoint: iteration 3 \(.*/checkpoints/it000003\)$"
+    with interrupt_at(5), pytest.raises(TrainingInterrupted, match=message):
         run(train_argv(train_root, out, "--iterations", "6", "--save_on_interrupt"))
     folder = out / RUN
     assert len(saves) == 6
@@ -131,19 +126,9 @@ def test_a_second_signal_abandons_the_save_and_keeps_the_previous_generation(tra
     assert load_model_folder(str(folder)).iteration == 3
 
 
-def test_a_signal_repeated_at_once_is_one_request(train_root, tmp_path, monkeypatch):
+def test_a_signal_repeated_at_once_is_one_request(train_root, tmp_path):
     """Ctrl-C under torchrun: the terminal's SIGINT and the launcher's forwarded one arrive together."""
-    import training.loop
-    real = training.loop.lr_at_iteration
-
-    def lr_and_two_signals(step, *args, **kwargs):
-        if step + 1 == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(step, *args, **kwargs)
-
-    monkeypatch.setattr(training.loop, "lr_at_iteration", lr_and_two_signals)
     out = tmp_path / "out"
-    with pytest.raises(TrainingInterrupted, match=r"^interrupted by SIGINT at iteration 5; last checkpoint: "
-                                                  r"iteration 5 \(.*/checkpoints/it000005\)$"):
+    message = r"^interrupted by SIGINT at iteration 5; last checkpoint: iteration 5 \(.*/checkpoints/it000005\)$"
+    with interrupt_at(5, repeat=2), pytest.raises(TrainingInterrupted, match=message):
         run(train_argv(train_root, out, "--iterations", "6", "--save_on_interrupt"))

@@ -1,5 +1,8 @@
 """Training path of train.py on a tiny generated Folder data set (CPU, random init)."""
+import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -12,8 +15,12 @@ from PIL import Image
 import train
 from datasets.image_lists import DataError
 from models.checkpoint import load_model_folder
-from training.loop import TrainingInterrupted
+from training.settings import (
+    Augmentation, DataSettings, ModelSettings, Objective, Optimisation, PeriodicEvalSettings, ProcessSettings,
+    ResumeSettings, RunSettings, Schedule, TrainingSettings,
+)
 from training.state import TRAIN_STATE_FILE
+from training.stopping import TrainingInterrupted
 
 
 @pytest.fixture
@@ -30,7 +37,8 @@ def train_argv(train_dir, out, *extra):
 
 
 def run(argv):
-    args = train.get_args_parser().parse_args(argv)
+    """train.py's parse (with the record of the flags given) and main, in this process."""
+    args = train.parse_command_line(argv)
     train.main(args)
     return args
 
@@ -67,35 +75,72 @@ def test_run_writes_authors_files_state_logs_and_tensorboard(train_root, tmp_pat
     assert (out / "Folder_resnet18_rel_transformer_1" / "cls_rel.pkl").is_file()
 
 
-def interrupt_at(monkeypatch, iteration, signum=signal.SIGINT):
-    """Send this process `signum` while training is in `iteration` (as Ctrl-C or a scheduler would)."""
-    import training.loop
-    real = training.loop.lr_at_iteration
+@contextlib.contextmanager
+def before_each_step(action):
+    """Call action(n, optimizer) before the n-th optimiser step taken inside the block (torch's global hook)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    steps = []
 
-    def lr_and_signal(step, *args, **kwargs):
-        if step + 1 == iteration:
-            os.kill(os.getpid(), signum)
-        return real(step, *args, **kwargs)
+    def hook(optimizer, *_):
+        steps.append(1)
+        action(len(steps), optimizer)
 
-    monkeypatch.setattr(training.loop, "lr_at_iteration", lr_and_signal)
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield steps
+    finally:
+        handle.remove()
 
 
-def test_resume_gives_the_uninterrupted_weights(train_root, tmp_path, monkeypatch):
+def interrupt_at(iteration, signum=signal.SIGINT, repeat=1):
+    """Within the block, send this process `signum` (`repeat` times) during `iteration` of a fresh run.
+
+    As Ctrl-C or a scheduler would: from the outside, at the optimiser step of that iteration.
+    """
+    def send(step, optimizer):
+        if step == iteration:
+            for _ in range(repeat):
+                os.kill(os.getpid(), signum)
+
+    return before_each_step(send)
+
+
+def test_resume_gives_the_uninterrupted_weights(train_root, tmp_path):
     straight = tmp_path / "straight"
     run(train_argv(train_root, straight, "--iterations", "6", "--optimizer", "lars"))
     split = tmp_path / "split"
     # Interrupted during iteration 5: it stops there, and the checkpoint of iteration 3 is the last one.
-    interrupt_at(monkeypatch, 5)
-    with pytest.raises(TrainingInterrupted, match=r"^interrupted by SIGINT at iteration 5; last checkpoint: "
-                                                  r"iteration 3 \(.*checkpoints/it000003\)$"):
+    message = r"^interrupted by SIGINT at iteration 5; last checkpoint: iteration 3 \(.*checkpoints/it000003\)$"
+    with interrupt_at(5), pytest.raises(TrainingInterrupted, match=message):
         run(train_argv(train_root, split, "--iterations", "6", "--optimizer", "lars"))
-    monkeypatch.undo()
     run(train_argv(train_root, split, "--iterations", "6", "--optimizer", "lars", "--resume"))
     expected = final_state(straight / "Folder_resnet18_rel_transformer")
     resumed = final_state(split / "Folder_resnet18_rel_transformer")
     assert expected.keys() == resumed.keys()
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+BASE_LR = 0.008
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # Warm-up over 4 iterations (1-based i: lr * i / 4), then x0.1 every 5 iterations counted from the first.
+    (["--warmup", "4", "--step_after", "5", "--iterations", "7"],
+     [BASE_LR * i / 4 for i in (1, 2, 3, 4)] + [BASE_LR, BASE_LR * 0.1, BASE_LR * 0.1]),
+    # Warm-up over 2 iterations, then cosine from lr at iteration 3 to 0 after iteration 6.
+    (["--warmup", "2", "--lr_schedule", "cosine", "--iterations", "6"],
+     [BASE_LR / 2, BASE_LR] + [BASE_LR * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (0, 1, 2, 3)]),
+])
+def test_the_optimizer_steps_with_the_scheduled_learning_rate(train_root, tmp_path, schedule, expected):
+    """The lr each optimiser step really used (read by torch's step hook) follows the schedule's formula."""
+    applied = []
+    with before_each_step(lambda step, optimizer: applied.append([g["lr"] for g in optimizer.param_groups])):
+        run(train_argv(train_root, tmp_path / "out", "--learning_rate", str(BASE_LR), "--log_period", "100",
+                       "--save_period", "100", *schedule))
+    assert len(applied) == len(expected)
+    for iteration, (lrs, lr) in enumerate(zip(applied, expected), start=1):
+        assert lrs == [pytest.approx(lr, rel=1e-12, abs=1e-15)] * len(lrs), f"iteration {iteration}"
 
 
 def test_loss_falls(tmp_path):
@@ -129,9 +174,10 @@ def test_loss_falls(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--warmup", "10", "--iterations", "5"], "warmup"),
+    (["--warmup", "10", "--iterations", "5"], r"^--warmup 10 is longer than the whole run \(--iterations 5\)$"),
     (["--batch_size", "100", "--iterations", "2"], "larger than one pass"),
     (["--resume", "--iterations", "2"], "checkpoint.pth"),
+    (["--resume", "--pretrained", "elsewhere"], "^--resume and --pretrained exclude each other$"),
 ])
 def test_bad_training_input_fails_before_writing(train_root, tmp_path, extra, message):
     out = tmp_path / "out"
@@ -154,16 +200,69 @@ def test_bad_training_data(image_tree, tmp_path):
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out3").exists()
 
 
+SETTINGS_TYPES = (DataSettings, Augmentation, ModelSettings, Objective, Schedule, Optimisation, RunSettings,
+                  ResumeSettings, ProcessSettings, PeriodicEvalSettings, TrainingSettings)
+
+
+def resolved_args(argv):
+    """train.py's flags as main() leaves them before training (device resolved, one process)."""
+    args = train.parse_command_line(argv)
+    args.device, args.distributed, args.world_size = torch.device("cpu"), False, 1
+    return args
+
+
+def test_settings_are_built_once_from_the_flags(train_root, tmp_path):
+    args = resolved_args(train_argv(train_root, tmp_path, "--iterations", "7", "--suffix", "s1", "--clip_grad", "2.5",
+                                    "--accum_steps", "3"))
+    settings = TrainingSettings.from_args(args)
+    assert [type(part) for part in (settings.data, settings.augmentation, settings.model, settings.objective,
+                                    settings.optimisation, settings.optimisation.schedule, settings.run,
+                                    settings.resume, settings.process, settings.evaluation)] == [
+        DataSettings, Augmentation, ModelSettings, Objective, Optimisation, Schedule, RunSettings, ResumeSettings,
+        ProcessSettings, PeriodicEvalSettings]
+    assert settings.data == DataSettings(dataset="Folder", target=None, data_root=args.data_root, path_to_txt=None,
+                                         train_dir=str(train_root), neg_to_pos_ratio=1, class_balancing=True,
+                                         batch_size=8, num_workers=0, seed=0)
+    assert settings.optimisation == Optimisation(
+        optimizer="lars", momentum=0.9, weight_decay=5e-4, accum_steps=3, clip_grad=2.5, amp="none",
+        schedule=Schedule(learning_rate=0.008, warmup=1, step_after=13000, lr_schedule="step", iterations=7))
+    assert settings.run == RunSettings(parent=str(tmp_path), name="Folder_resnet18_rel_transformer_s1",
+                                       log_period=3, save_period=3, eval_period=1000, save_on_interrupt=False)
+    assert settings.process == ProcessSettings(device=torch.device("cpu"), distributed=False, sync_bn=False)
+    assert settings.evaluation.scoring.image_size == 32 and settings.evaluation.dataset is None
+    # What args.json and checkpoint.pth record: every flag as parsed, read-only.
+    assert dict(settings.flags) == vars(args)
+    with pytest.raises(TypeError):
+        settings.flags["iterations"] = 8
+
+
+def test_settings_have_no_defaults_of_their_own():
+    """train.py's parser holds every default; a settings field with one would be a second copy."""
+    for cls in SETTINGS_TYPES:
+        assert [f.name for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING] == [], cls
+
+
+def test_the_device_must_be_resolved_before_training(train_root, tmp_path):
+    args = resolved_args(train_argv(train_root, tmp_path))
+    args.device = "cpu"  # as parsed, before init_distributed_mode
+    with pytest.raises(TypeError, match=r"^device must be a torch.device, got 'cpu' \(str\); "
+                                        r"utils.distributed.init_distributed_mode resolves --device before training$"):
+        TrainingSettings.from_args(args)
+
+
 def test_collapse_warning_on_saturated_outputs():
-    from training.loop import PeriodStats, collapse_warning
-    args = train.get_args_parser().parse_args(["--device", "cpu"])
+    from training.engine import PeriodStats, collapse_warning
+    objective = Objective(loss_function="L2", sigmoid_compression=10.0, sigmoid_expansion=2.0)
     relation = torch.tensor([0, 1, 0, 1])
     saturated = PeriodStats(torch.device("cpu"))
-    saturated.update(torch.tensor(2.0), torch.full((4, 1), -30.0), relation, args)
-    assert "collapsed" in collapse_warning(saturated, args)
+    saturated.update(torch.tensor(2.0), torch.full((4, 1), -30.0), relation, objective)
+    assert collapse_warning(saturated, objective) == (
+        "outputs collapsed: every pair scored -1.0000 (saturated at +/-1.0); the loss is stuck. "
+        "Lower --learning_rate, use --clip_grad 1.0 or --head_init zero")
     healthy = PeriodStats(torch.device("cpu"))
-    healthy.update(torch.tensor(0.5), torch.tensor([[-0.2], [0.3], [-0.1], [0.05]]), relation, args)
-    assert collapse_warning(healthy, args) is None
+    healthy.update(torch.tensor(0.5), torch.tensor([[-0.2], [0.3], [-0.1], [0.05]]), relation, objective)
+    assert collapse_warning(healthy, objective) is None
     summary = healthy.summary()
     assert summary["acc_same"] == 1.0 and summary["acc_diff"] == 1.0 and summary["loss"] == pytest.approx(0.5)
 

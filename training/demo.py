@@ -72,12 +72,13 @@ def apply_demo_settings(args: argparse.Namespace, explicit: Iterable[str]) -> ar
 
 def run_demo(args: argparse.Namespace) -> str:
     """Prepare Digits if absent, train, evaluate both targets, print the table, draw the figures."""
-    from training.loop import run_training  # after the demo settings are applied
+    from training.main import run_training  # after the demo settings are applied
+    from training.settings import TrainingSettings
 
     if is_main_process():
         prepare_digits(args.data_root)
     barrier()  # the other processes read the tree rank 0 has just written
-    folder, results = run_training(args)
+    folder, results = run_training(TrainingSettings.from_args(args))
     if is_main_process() and results:
         print(format_table(results), flush=True)
         # The figures are drawn from the files of the final evaluation, as media/make_demo_figures.py does.

@@ -1,15 +1,15 @@
-"""The run folder: its name (as the authors name it), race-free creation, resume checks, saved arguments."""
-import argparse
+"""The run folder: race-free creation under the name RunSettings gives, resume checks, the saved flag values."""
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import yaml
 
 from models.checkpoint import CHECKPOINTS_DIR, TRAIN_STATE_FILE
+from training.settings import ResumeSettings, RunSettings
 from training.state import (
     ResumeMismatchError, find_resume_state, format_differences, load_training_state, read_best_score,
     recorded_differences, resume_differences,
@@ -46,17 +46,6 @@ class RunFolder:
     swept: TempSweep = field(default_factory=TempSweep)
 
 
-def run_folder_name(args: argparse.Namespace) -> str:
-    """`<dataset>[_<target>]_<network>_rel_transformer[_<suffix>]`, the authors' naming."""
-    parts = [args.dataset]
-    if args.target:
-        parts.append(args.target)
-    parts += [args.network, "rel_transformer"]
-    if args.suffix:
-        parts.append(args.suffix)
-    return "_".join(parts)
-
-
 def _read_args_json(folder: str) -> Optional[Dict[str, Any]]:
     """The folder's args.json, or None when it has none."""
     path = os.path.join(folder, ARGS_FILE)
@@ -79,12 +68,12 @@ def _history(folder: str) -> Dict[str, List[Any]]:
     return {key: list(record.get(key, [])) for key in _HISTORY_KEYS}
 
 
-def _resumed(folder: str, state_path: str, args: argparse.Namespace, flag: str) -> RunFolder:
-    """A resume of `folder` from `state_path`, after comparing the arguments (nothing is written here)."""
+def _resumed(folder: str, state_path: str, resume: ResumeSettings, flags: Mapping[str, Any], flag: str) -> RunFolder:
+    """A resume of `folder` from `state_path`, after comparing the flags (nothing is written here)."""
     state = load_training_state(state_path, torch.device("cpu"), mmap=True)
     stored = state.get("args")
-    refused, changed = resume_differences(stored if isinstance(stored, dict) else {}, args)
-    if refused and not args.resume_override:
+    refused, changed = resume_differences(stored if isinstance(stored, dict) else {}, flags)
+    if refused and not resume.resume_override:
         raise ResumeMismatchError(
             f"{flag}: {state_path} was trained with other settings: {format_differences(refused)}; "
             "resume with the same flags, or add --resume_override to continue with the new ones "
@@ -102,7 +91,7 @@ def _foreign_entries(folder: str) -> List[str]:
                   if name not in _WRITTEN_BEFORE_FIRST_CHECKPOINT and not name.startswith(".tmp"))
 
 
-def _reuse_for_auto_resume(folder: str, args: argparse.Namespace) -> RunFolder:
+def _reuse_for_auto_resume(folder: str, resume: ResumeSettings, flags: Mapping[str, Any]) -> RunFolder:
     """An existing folder without a checkpoint: reused only if an earlier attempt of this run left it."""
     if not os.path.isdir(folder):
         raise RunFolderError(f"--auto_resume: {folder} exists and is not a folder")
@@ -115,8 +104,8 @@ def _reuse_for_auto_resume(folder: str, args: argparse.Namespace) -> RunFolder:
     earlier = _read_args_json(folder)
     if earlier is not None:
         # Only what the earlier attempt recorded: an args.json of another version may hold fewer settings.
-        refused, _ = resume_differences(earlier, args, unrecorded_differ=False)
-        if refused and not args.resume_override:
+        refused, _ = resume_differences(earlier, flags, unrecorded_differ=False)
+        if refused and not resume.resume_override:
             raise RunFolderError(
                 f"--auto_resume: {os.path.join(folder, ARGS_FILE)} belongs to a run with other settings "
                 f"({format_differences(refused)}) that saved no checkpoint; remove that folder or use "
@@ -137,11 +126,15 @@ def _create_new(base: str) -> RunFolder:
         return RunFolder(path=folder, created=True)
 
 
-def claim_run_folder(args: argparse.Namespace) -> RunFolder:
-    """Decide (and create, if new) the run folder; every check runs before anything is written (rank 0)."""
-    base = os.path.join(args.checkpoint_folder_path, run_folder_name(args))
-    if args.resume is not None:
-        folder = base if args.resume == "auto" else args.resume
+def claim_run_folder(run_settings: RunSettings, resume: ResumeSettings, flags: Mapping[str, Any]) -> RunFolder:
+    """Decide (and create, if new) the run folder; every check runs before anything is written (rank 0).
+
+    `flags` are the run's flag values, compared with those a resumed checkpoint recorded.
+    """
+    parent = run_settings.parent
+    base = os.path.join(parent, run_settings.name)
+    if resume.resume is not None:
+        folder = base if resume.resume == "auto" else resume.resume
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"--resume: run folder {folder!r} does not exist ({TRAIN_STATE_FILE} expected)")
         if os.path.basename(os.path.dirname(os.path.realpath(folder))) == CHECKPOINTS_DIR:
@@ -152,33 +145,33 @@ def claim_run_folder(args: argparse.Namespace) -> RunFolder:
         if state_path is None:
             raise FileNotFoundError(f"--resume: no {TRAIN_STATE_FILE} in {folder!r}; "
                                     "a run folder written by this project's training is expected")
-        run = _resumed(folder, state_path, args, "--resume")
-    elif args.auto_resume:
+        run = _resumed(folder, state_path, resume, flags, "--resume")
+    elif resume.auto_resume:
         # Every attempt of a restarted job must use the same folder, also when an attempt died before
         # its first checkpoint: a fresh `<base>_<n>` would hide later checkpoints from later attempts.
-        os.makedirs(args.checkpoint_folder_path, exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
         try:
             os.mkdir(base)
             return RunFolder(path=base, created=True)
         except FileExistsError:
             pass
         state_path = find_resume_state(base) if os.path.isdir(base) else None
-        run = (_resumed(base, state_path, args, "--auto_resume") if state_path is not None
-               else _reuse_for_auto_resume(base, args))
+        run = (_resumed(base, state_path, resume, flags, "--auto_resume") if state_path is not None
+               else _reuse_for_auto_resume(base, resume, flags))
     else:
-        os.makedirs(args.checkpoint_folder_path, exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
         return _create_new(base)
     # Only in a folder that existed before: temps of killed writers (this host, dead process) go.
     run.swept = remove_stale_temps(run.path)
     return run
 
 
-def prepare_run_folder(args: argparse.Namespace) -> RunFolder:
+def prepare_run_folder(run_settings: RunSettings, resume: ResumeSettings, flags: Mapping[str, Any]) -> RunFolder:
     """Claim the run folder on rank 0 and give every rank the same answer (or the same error)."""
     decision: Tuple[Optional[RunFolder], Optional[BaseException]] = (None, None)
     if is_main_process():
         try:
-            decision = (claim_run_folder(args), None)
+            decision = (claim_run_folder(run_settings, resume, flags), None)
         except (OSError, ValueError) as error:
             decision = (None, error)
     # The error is shared too, so that every rank stops with the same message instead of hanging.
@@ -206,13 +199,13 @@ def resume_record(run: RunFolder) -> Dict[str, List[Any]]:
     return {key: value for key, value in history.items() if value}
 
 
-def save_args(run: RunFolder, args: argparse.Namespace) -> None:
-    """The resolved arguments as `args.json` and `args.yaml`, with every resume's differences (rank 0 only)."""
+def save_args(run: RunFolder, flags: Mapping[str, Any]) -> None:
+    """The resolved flag values as `args.json` and `args.yaml`, with every resume's differences (rank 0 only)."""
     if not is_main_process():
         return
     plain: Dict[str, Any] = {
         key: (str(value) if not isinstance(value, (int, float, str, bool, type(None), list)) else value)
-        for key, value in sorted(vars(args).items())}
+        for key, value in sorted(flags.items())}
     plain.update(resume_record(run))
     atomic_write_text(os.path.join(run.path, ARGS_FILE), json.dumps(plain, indent=2) + "\n")
     atomic_write_text(os.path.join(run.path, "args.yaml"), yaml.safe_dump(plain, sort_keys=True))

@@ -7,7 +7,6 @@ the generation of the best periodic evaluation. Generations that neither link na
 The run folder's own `feature_extractor.pkl`, `cls_rel.pkl`, `last_checkpoint.txt` and
 `checkpoint.pth` are fixed links into `checkpoints/last`, for the authors' tools.
 """
-import argparse
 import contextlib
 import errno
 import itertools
@@ -16,7 +15,7 @@ import math
 import os
 import pickle
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -24,6 +23,7 @@ from models.checkpoint import (
     BEST_LINK, CHECKPOINTS_DIR, GENERATION_FILES, GENERATION_NAME, LAST_LINK, TRAIN_STATE_FILE, CheckpointError,
     atomic_torch_save, save_model_folder,
 )  # TRAIN_STATE_FILE is also imported from here by the tests and tools
+from evaluation.scorers import scorer_flags
 from models.resend import ReSeND
 from utils.atomic_files import atomic_write_text, fsync_dir, temp_name
 from utils.distributed import broadcast_object, is_main_process
@@ -49,13 +49,15 @@ RESUME_MAY_CHANGE = (
     "data_root", "batch_size", "accum_steps", "world_size", "amp", "sync_bn", "num_workers", "pretrained",
     "dist_backend", "load_truncated_images",
 )
-# Not compared: how this process runs and reports, not what it trains.
+# Not compared: how this process runs and reports, not what it trains; the scorers' hyperparameter
+# flags (from the scorer registry) only change how the periodic evaluation scores.
 RESUME_FREE = (
     "checkpoint_folder_path", "suffix", "resume", "auto_resume", "resume_override", "save_on_interrupt",
     "log_period", "save_period", "eval_period", "eval_dataset", "eval_target", "source_dir", "target_dir",
-    "eval_batch_size", "few_shot", "most_significant_prototypes", "knn_distance_evaluator", "NNK", "evaluator",
-    "backbone_only", "only_eval", "demo", "local_rank", "rank", "gpu", "distributed", "device",
-    "dist_timeout_minutes", "traceback", "tag",
+    "eval_batch_size", "few_shot", "most_significant_prototypes", "knn_distance_evaluator", "evaluator",
+    "backbone_only", "only_eval", "demo", "local_rank", "distributed", "device",
+    "dist_timeout_minutes", "debug_errors", "tag", *scorer_flags(),
+    "explicit_flags",  # which flags were typed (train.parse_command_line), not their values
 )
 _PATH_ARGS = ("train_dir", "path_to_txt", "backbone_weights", "data_root", "pretrained")
 
@@ -71,22 +73,19 @@ class ResumeMismatchError(ValueError):
 # ---------------------------------------------------------------- checkpoint.pth
 
 def training_state(model: ReSeND, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler",
-                   iteration: int, pairs_seen: int, args: argparse.Namespace) -> Dict[str, Any]:
+                   iteration: int, pairs_seen: int, flags: Mapping[str, Any]) -> Dict[str, Any]:
     """The contents of `checkpoint.pth`: everything a resume needs to continue bit for bit."""
     return {
         "backbone": model.backbone.state_dict(),
         "relational": model.relational.state_dict(),
         "optimizer": optimizer.state_dict(),  # includes the momentum buffers
         "scaler": scaler.state_dict(),
-        # The lr is a pure function of the iteration (utils.optim.lr_at_iteration); its settings are
-        # also in "args", which resume_differences compares with a resume's arguments.
-        "schedule": {"learning_rate": args.learning_rate, "warmup": args.warmup,
-                     "step_after": args.step_after, "lr_schedule": args.lr_schedule,
-                     "iterations": args.iterations},
         "iteration": iteration,
         "pairs_seen": pairs_seen,  # position in the pair stream, summed over processes
         "rng": capture_rng_state(),
-        "args": {key: value for key, value in vars(args).items()
+        # The lr is a pure function of the iteration and the schedule flags recorded here, which
+        # resume_differences compares with a resume's flags (a changed schedule is refused).
+        "args": {key: value for key, value in flags.items()
                  if isinstance(value, (int, float, str, bool, type(None)))},
     }
 
@@ -139,7 +138,7 @@ def _same(name: str, old: Any, new: Any) -> bool:
             and os.path.realpath(old) == os.path.realpath(new))
 
 
-def resume_differences(stored: Dict[str, Any], args: argparse.Namespace, unrecorded_differ: bool = True
+def resume_differences(stored: Mapping[str, Any], flags: Mapping[str, Any], unrecorded_differ: bool = True
                        ) -> Tuple[Dict[str, Tuple[Any, Any]], Dict[str, Tuple[Any, Any]]]:
     """(differences a resume refuses, differences it accepts), each {name: (checkpoint's, new)}.
 
@@ -149,7 +148,7 @@ def resume_differences(stored: Dict[str, Any], args: argparse.Namespace, unrecor
     """
     refused: Dict[str, Tuple[Any, Any]] = {}
     accepted: Dict[str, Tuple[Any, Any]] = {}
-    for name, new in sorted(vars(args).items()):
+    for name, new in sorted(flags.items()):
         if name in RESUME_FREE:
             continue
         if not isinstance(new, (int, float, str, bool, type(None))):
@@ -298,7 +297,7 @@ def _is_write_failure(error: BaseException) -> bool:
 
 def write_generation(folder: str, model: ReSeND, optimizer: torch.optim.Optimizer,
                      scaler: "torch.amp.GradScaler", iteration: int, pairs_seen: int,
-                     args: argparse.Namespace) -> str:
+                     flags: Mapping[str, Any]) -> str:
     """Write generation `checkpoints/it<N>/` whole, switch `last` to it, prune; returns its path (rank 0).
 
     A failure (or a kill) at any point leaves `last` naming the previous, complete generation.
@@ -312,7 +311,7 @@ def write_generation(folder: str, model: ReSeND, optimizer: torch.optim.Optimize
         os.mkdir(staging)
         try:
             save_model_folder(staging, model.backbone, model.relational, iteration)
-            atomic_torch_save(training_state(model, optimizer, scaler, iteration, pairs_seen, args),
+            atomic_torch_save(training_state(model, optimizer, scaler, iteration, pairs_seen, flags),
                               os.path.join(staging, TRAIN_STATE_FILE))
             fsync_dir(staging)
             target = _rename_into_place(staging, checkpoints, generation_name(iteration))
@@ -397,12 +396,12 @@ class Checkpoints:
         return f"last checkpoint: iteration {self.last_iteration} ({self.last_path})"
 
     def save(self, model: ReSeND, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler",
-             iteration: int, pairs_seen: int, args: argparse.Namespace) -> str:
+             iteration: int, pairs_seen: int, flags: Mapping[str, Any]) -> str:
         """Write a generation on rank 0; every rank returns its path or raises rank 0's write error."""
         outcome: Tuple[Optional[str], Optional[BaseException]] = (None, None)
         if is_main_process():
             try:
-                outcome = (write_generation(self.folder, model, optimizer, scaler, iteration, pairs_seen, args),
+                outcome = (write_generation(self.folder, model, optimizer, scaler, iteration, pairs_seen, flags),
                            None)
             except Exception as error:  # shared, so that every rank stops with the same message
                 outcome = (None, error)

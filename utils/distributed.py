@@ -130,7 +130,13 @@ def _elastic_attempt_store(timeout: timedelta) -> Optional[dist.Store]:
 
 
 def init_distributed_mode(args: argparse.Namespace) -> None:
-    """Join the launcher's process group (or set up a single process) and fill in rank/device fields of args."""
+    """Join the launcher's process group (or set up a single process); resolve args' process fields.
+
+    Afterwards `args.device` is the torch.device of this process (`cuda:<local rank>` or `cpu`),
+    `args.dist_backend` the backend, `args.local_rank` the local rank, `args.distributed` whether a
+    process group exists, and `args.world_size` the number of processes, which a resume compares
+    with the checkpoint's (training.state.RESUME_MAY_CHANGE). The rank is `get_rank()`.
+    """
     _require_attrs(args)
     backend = _resolve_device_and_backend(args)
     rank, world_size, local_rank, launched = _launch_env(args)
@@ -143,10 +149,8 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
             raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {n_gpus} visible GPU(s)")
         torch.cuda.set_device(local_rank)
 
-    args.rank = rank
     args.world_size = world_size
     args.local_rank = local_rank
-    args.gpu = local_rank if use_cuda else None
     args.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     args.dist_backend = backend
     args.distributed = launched
@@ -322,12 +326,3 @@ def cleanup() -> None:
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
     _restore_print()
-
-
-def resolve_world_batch(batch_size: int, world_size: int, accum_steps: int) -> int:
-    """Effective batch of one optimiser step: per-process batch x processes x accumulation steps."""
-    for name, value in (("batch_size", batch_size), ("world_size", world_size), ("accum_steps", accum_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r} "
-                             f"(batch_size={batch_size!r}, world_size={world_size!r}, accum_steps={accum_steps!r})")
-    return batch_size * world_size * accum_steps

@@ -9,13 +9,15 @@ from timm.optim import Lars
 OPTIMIZERS = ("sgd", "lars")
 SCHEDULES = ("step", "cosine")
 
+# The authors' step decay: the lr is multiplied by this every --step_after iterations.
+STEP_GAMMA = 0.1
 # torchlars 0.1.2 (the authors' LARS) constants.
 LARS_TRUST_COEFFICIENT = 0.001
 LARS_EPS = 1e-8
 
 
-def build_optimizer(params: Iterable, name: str, lr: float, momentum: float = 0.9,
-                    weight_decay: float = 5e-4) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable, name: str, lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay, or LARS computing exactly torchlars 0.1.2's update.
 
     LARS: per parameter tensor, adaptive = trust * ||w|| / (||g|| + wd * ||w|| + eps) if both norms
@@ -40,8 +42,8 @@ def _check_non_negative_int(name: str, value: object) -> None:
 
 
 def lr_at_iteration(iteration: int, base_lr: float, warmup: int, step_after: int | None,
-                    schedule: str = "step", total_iterations: int | None = None,
-                    step_gamma: float = 0.1) -> float:
+                    schedule: str, total_iterations: int | None = None,
+                    step_gamma: float = STEP_GAMMA) -> float:
     """Learning rate for the optimizer step of 0-based `iteration`.
 
     Warm-up: iteration i < warmup uses base_lr * (i + 1) / warmup, so the first step already moves
