@@ -24,15 +24,21 @@ from typing import Sequence, Set
 
 import torch
 
-from datasets.benchmarks import benchmark_names
-from datasets.image_lists import DataError
-from datasets.image_lists import load_truncated_images
-from datasets.train_lists import training_set_names, training_uses_target
-from evaluation.scorers import SCORERS, scorer_flags
-from utils.distributed import add_distributed_args, cleanup, init_distributed_mode
-from utils.arg_types import (crop_scale, int_at_least, non_negative_float, non_negative_int, positive_float,
-                             positive_int, probability)
-from utils.precision import AMP_MODES
+from utils.environment import torchvision_problem
+
+if __name__ == "__main__" and torchvision_problem():
+    # Checked before the project's imports, which import torchvision and would fail deep inside it.
+    sys.exit(f"error: {torchvision_problem()}")
+
+from datasets.benchmarks import benchmark_names  # noqa: E402
+from datasets.image_lists import DataError, load_truncated_images  # noqa: E402
+from datasets.train_lists import training_set_names, training_uses_target  # noqa: E402
+from evaluation.scorers import SCORERS, scorer_flags  # noqa: E402
+from utils.distributed import add_distributed_args, cleanup, init_distributed_mode  # noqa: E402
+from utils.arg_types import (crop_scale, int_at_least, non_negative_float, non_negative_int,  # noqa: E402
+                             positive_float, positive_int, probability)
+from utils.precision import AMP_MODES  # noqa: E402
+from utils.progress import set_quiet  # noqa: E402
 
 CUDA_NUM_WORKERS = 4  # DataLoader processes per GPU process when --num_workers is not given
 # Exceptions that report bad input (DataError and CheckpointError are ValueErrors; OSError covers
@@ -158,6 +164,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="periodic evaluation benchmark (default: DomainNet_IN_OUT for ImageNet, else none)")
     run.add_argument("--eval_target", default=None, help="target(s) of --eval_dataset")
 
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bars, progress lines or per-phase notes (results and errors still print)")
     run.add_argument("--debug_errors", action="store_true",
                      help=f"on an input error, show the Python traceback instead of the one-line message "
                           f"(also with the environment variable {DEBUG_ERRORS_ENV}=1)")
@@ -234,6 +242,7 @@ def main(args: argparse.Namespace) -> None:
     """Set up processes, then evaluate (--only_eval) or train."""
     check_flag_combinations(args)
     load_truncated_images(args.load_truncated_images)
+    set_quiet(args.quiet)
     if args.device == "cpu" or not torch.cuda.is_available():
         # Saturated sigmoid gradients become denormal floats, which made CPU steps ~30x slower on
         # some CPUs (measured no difference on an AMD AVX512 one); flushing them costs nothing.

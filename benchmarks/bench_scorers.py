@@ -22,7 +22,7 @@ from models.relational import RelationalTransformer  # noqa: E402
 # Every registered scorer without the relational module, then ReSeND's default one.
 DEFAULT_SCORERS = [name for name, cls in SCORERS.items() if not cls.needs_pair_logits] + ["resend"]
 # (support size, known classes, targets): the largest PACS / OfficeHome splits, rounded.
-SIZES = {"pacs": (5000, 6, 2000), "officehome": (10000, 54, 4000)}
+SIZES = {"pacs": (5000, 6, 2000), "officehome": (10000, 54, 4000), "tiny": (60, 3, 40)}  # tiny: smoke test
 N_BLOCKS = 8  # resnet18
 
 
@@ -55,24 +55,35 @@ def synthetic_split(n_support: int, n_classes: int, n_targets: int, dim: int, se
     }
 
 
-def time_scorer(name: str, split: dict, options: dict, pair_logits, pair_chunk: int) -> tuple[float, float, float]:
-    """(fit seconds, score seconds, AUROC) of one scorer on one split, given the engine's bundle."""
+def time_scorer(name: str, split: dict, options: dict, pair_logits, pair_chunk: int,
+                device: torch.device) -> tuple[float, float, float]:
+    """(fit seconds, score seconds, AUROC) of one scorer on one split, given the engine's bundle on `device`."""
+    on = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in split.items()}
     scorer = build_scorer(name, options)
-    inputs = ScoringInputs(support=FeatureBatch(split["support"], split["support_labels"], split["support_norms"]),
-                           jigsaw=FeatureBatch(split["support"], block_norms=split["jigsaw_norms"]),
+    inputs = ScoringInputs(support=FeatureBatch(on["support"], on["support_labels"], on["support_norms"]),
+                           jigsaw=FeatureBatch(on["support"], block_norms=on["jigsaw_norms"]),
                            pair_logits=pair_logits, pair_chunk=pair_chunk)
+    synchronize(device)
     start = time.perf_counter()
     scorer.fit(inputs)
+    synchronize(device)
     fitted = time.perf_counter()
-    result = scorer.score(FeatureBatch(split["targets"], block_norms=split["target_norms"]))
+    result = scorer.score(FeatureBatch(on["targets"], block_norms=on["target_norms"]))
+    synchronize(device)
     done = time.perf_counter()
     return fitted - start, done - fitted, auroc(result.normality.cpu().numpy(), split["is_known"])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
     """Print one line per (size, scorer)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["pacs", "officehome"], choices=list(SIZES))
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--nnk", type=int, default=1, help="--NNK of the scorers that read it")
     parser.add_argument("--scorers", nargs="+", default=DEFAULT_SCORERS, choices=list(SCORERS),
@@ -80,15 +91,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-resend", action="store_true", help="skip the relational ReSeND scorers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the features live and the scorers run")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                        help="precision of the relational scorers' pair logits")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
-    relational = RelationalTransformer(feat_dim=args.dim, depth=4)
-    pair_logits = relational_pair_logits(relational, torch.device("cpu"), "none")
+    relational = RelationalTransformer(feat_dim=args.dim, depth=4).to(device)
+    pair_logits = relational_pair_logits(relational, device, args.amp)
     names = [name for name in args.scorers if not (args.no_resend and SCORERS[name].needs_pair_logits)]
 
-    print(f"torch threads {torch.get_num_threads()}, feature dim {args.dim}, CPU")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch threads {torch.get_num_threads()}, feature dim {args.dim}, {where}, relational amp {args.amp}")
     print(f"{'size':<11} {'scorer':<19} {'fit s':>8} {'score s':>8} {'total s':>8} {'auroc':>7}")
     for size in args.sizes:
         n_support, n_classes, n_targets = SIZES[size]
@@ -96,7 +113,7 @@ def main() -> None:
         print(f"# {size}: support {n_support} x {args.dim}, {n_classes} classes, targets {n_targets}")
         for name in names:
             fit_s, score_s, auc = time_scorer(name, split, {"NNK": args.nnk}, pair_logits,
-                                              default_pair_chunk(torch.device("cpu")))
+                                              default_pair_chunk(device), device)
             print(f"{size:<11} {name:<19} {fit_s:8.3f} {score_s:8.3f} {fit_s + score_s:8.3f} {auc:7.3f}",
                   flush=True)
 

@@ -19,6 +19,7 @@ from datasets.benchmarks import BENCHMARKS, get_eval_split
 from datasets.image_lists import (IMAGE_EXTENSIONS, DataError, Sample, check_files_exist,
                                   list_images, list_subfolders, read_list_file)
 from utils.atomic_files import atomic_open
+from utils.progress import progress
 
 IMAGENET_TRAIN_SUBDIR = os.path.join("ImageNet", "Data", "CLS-LOC", "train")
 IMAGENET_LAYOUT = "<data_root>/ImageNet/Data/CLS-LOC/train/<wnid>/<image>"
@@ -32,7 +33,8 @@ _CACHE_VERSION = 1
 def scan_class_folders(root: str, class_names: list[str]) -> list[Sample]:
     """Every image of `root/<class>` for each class, labelled by its index in `class_names`."""
     samples: list[Sample] = []
-    for label, cls in enumerate(class_names):
+    for label, cls in enumerate(progress(class_names, total=len(class_names), desc=f"scanning {root}",
+                                         unit="class")):
         folder = os.path.join(root, cls)
         images = list_images(folder)
         if not images:

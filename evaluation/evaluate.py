@@ -21,6 +21,7 @@ from evaluation.scorers.base import check_positive_int
 from models.backbone import ResNetBackbone, fold_batchnorm
 from utils.distributed import gather_by_index, get_rank, get_world_size, is_main_process
 from utils.precision import autocast
+from utils.progress import note
 
 # Pairs per relational-module call. On a GPU: large enough to amortise the per-call overhead,
 # small enough that a [chunk, 3, 768] activation stack fits comfortably on a small card. On a CPU
@@ -102,10 +103,19 @@ def few_shot_indices(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndar
 
 
 def select_support(split: EvalSplit, few_shot: Optional[int], seed: int) -> List:
-    """The support samples actually used: all of them, or `few_shot` random ones per class."""
+    """The support samples actually used: all of them, or `few_shot` random ones per class.
+
+    A class with fewer images than `few_shot` keeps all of them, and a line says which classes did.
+    """
     if not few_shot:
         return list(split.support)
     labels = np.array([label for _, label in split.support])
+    counts = np.bincount(labels)
+    short = [split.class_names[c] for c in np.flatnonzero((counts > 0) & (counts < few_shot))]
+    if short and is_main_process():
+        print(f"--few_shot {few_shot}: {split.dataset}/{split.target} has fewer support images in "
+              f"{len(short)} of {int((counts > 0).sum())} classes ({', '.join(short[:5])}"
+              f"{', ...' if len(short) > 5 else ''}); all of theirs are used", flush=True)
     return [split.support[i] for i in few_shot_indices(labels, few_shot, seed)]
 
 
@@ -167,6 +177,7 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
     row_of = {path: row for row, path in enumerate(plain)}
     jigsaw_row_of = {path: row for row, path in enumerate(jigsawed)}
     feature_seconds = time.perf_counter() - start
+    note(f"features of {len(plain) + len(jigsawed)} images: {feature_seconds:.2f} s")
 
     pair_logits = None if relational is None else relational_pair_logits(relational, device, settings.amp)
     results = []
@@ -186,6 +197,7 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
             scorer.fit(inputs)
             result = _gather_result(scorer.score(scored), shard.to(device), len(split.scored))
             seconds = {"features": feature_seconds, "scoring": time.perf_counter() - start}
+            note(f"{split.dataset}/{split.target} {name}: fit and score {seconds['scoring']:.2f} s")
             if is_main_process():
                 results.append(_result(split, name, result, labels, len(support), seconds))
     return results

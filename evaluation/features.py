@@ -5,12 +5,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
-
 from datasets.image_lists import ImageListDataset, Sample
 from datasets.transforms import eval_transform
-from utils.distributed import gather_by_index, get_world_size, is_main_process
+from utils.distributed import gather_by_index, get_world_size
 from utils.precision import autocast
+from utils.progress import progress
 
 
 @dataclass
@@ -46,9 +45,7 @@ def extract_image_features(backbone: torch.nn.Module, parts: Sequence[Tuple[Sequ
                         num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
     backbone.eval()
     feats, norms = [], []
-    for images, _, _ in tqdm(loader, desc=desc, leave=False,
-                                         # None: tqdm hides itself when not on a terminal (logs, CI).
-                                         disable=None if is_main_process() else True):
+    for images, _, _ in progress(loader, total=len(loader), desc=desc, unit="batch"):
         # channels_last is markedly faster for convolutions on CPU (oneDNN) and on CUDA, and
         # changes results only by float rounding.
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -132,37 +133,54 @@ def group_identity(kind: str, dataset: str, targets: Sequence[str], record: Dict
 
 
 def publish_group(results: List[EvalResult], out_folder: str, record: Dict[str, Any], kind: str,
-                  tag: Optional[str] = None) -> str:
-    """Write the results' group under `<out_folder>/eval/` (per-target files, summary, manifest); its path."""
+                  tag: Optional[str] = None, phases: Optional[Dict[str, float]] = None) -> str:
+    """Write the results' group under `<out_folder>/eval/` (per-target files, summary, manifest); its path.
+
+    `phases` (seconds per phase of the evaluation) go into the manifest, with the seconds the files
+    took to write added as "writing".
+    """
     dataset = results[0].dataset
     targets = list(dict.fromkeys(result.target for result in results))
     name, digest = group_identity(kind, dataset, targets, record, tag)
+    manifest = {"hash": digest, "kind": kind, "dataset": dataset, "targets": targets,
+                "scorers": list(dict.fromkeys(result.scorer for result in results)),
+                "iteration": record["iteration"], "settings": record, "seconds": dict(phases or {})}
 
     def write_files(folder: str) -> List[str]:
         # Per-target files and the summary come from the same results, in the same folder.
+        start = time.perf_counter()
         paths: List[str] = []
         identity = {"name": name, "settings_hash": digest}
         for result in results:
             paths += write_eval_outputs(result, folder, record, group=identity).values()
         paths += summary_files(results, folder).values()
+        manifest["seconds"]["writing"] = round(time.perf_counter() - start, 3)
         return [os.path.basename(path) for path in paths]
 
-    manifest = {"hash": digest, "kind": kind, "dataset": dataset, "targets": targets,
-                "scorers": list(dict.fromkeys(result.scorer for result in results)),
-                "iteration": record["iteration"], "settings": record}
     return write_group(os.path.join(out_folder, EVAL_DIR), name, manifest, write_files)
+
+
+def phase_seconds(results: List[EvalResult], **known: float) -> Dict[str, float]:
+    """Seconds per phase of an evaluation: `known` ones (e.g. load), the shared feature pass, the scorers."""
+    phases = dict(known)
+    if results:
+        phases["features"] = results[0].seconds.get("features", 0.0)
+        phases["scoring"] = sum(result.seconds.get("scoring", 0.0) for result in results)
+    return {name: round(value, 3) for name, value in phases.items()}
 
 
 def write_results(results: List[EvalResult], out_folder: str, record: Dict[str, Any],
                   tb_writer: Optional[TensorBoardWriter], step: int, kind: str = "periodic",
-                  tag: Optional[str] = None, warn: Callable[[str], None] = say) -> Optional[str]:
+                  tag: Optional[str] = None, warn: Callable[[str], None] = say,
+                  phases: Optional[Dict[str, float]] = None) -> Optional[str]:
     """Rank 0: the result group (a failure raises, naming it), then TensorBoard (a failure only warns).
 
     Returns the group's path (None on the other ranks or without results).
     """
     if not is_main_process() or not results:
         return None
-    group = publish_group(results, out_folder, record, kind, tag)
+    group = publish_group(results, out_folder, record, kind, tag, phases if phases is not None else
+                          phase_seconds(results))
     if tb_writer is not None:
         try:
             for result in results:

@@ -2,12 +2,13 @@
 import argparse
 import dataclasses
 import os
+import time
 from typing import Any, Dict, List, Set
 
 from datasets.benchmarks import benchmark_names
 from evaluation.evaluate import EvalResult, evaluate_splits, load_splits
-from evaluation.groups import EVAL_DIR, check_slot
-from evaluation.report import format_table, group_identity, say, tensorboard_extra, write_results
+from evaluation.groups import EVAL_DIR, check_slot, read_manifest
+from evaluation.report import format_table, group_identity, phase_seconds, say, tensorboard_extra, write_results
 from evaluation.run_settings import check_against_checkpoint, loaded_from, loaded_line, resolve_run_settings
 from evaluation.settings import eval_settings, settings_record
 from models.backbone import ResNetBackbone
@@ -30,6 +31,7 @@ def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
     if args.dataset not in benchmark_names():
         raise ValueError(f"--only_eval needs a benchmark --dataset, one of {', '.join(benchmark_names())}; "
                          f"got {args.dataset!r}")
+    start = time.perf_counter()
     explicit = explicit_flags_of(args)
     settings = eval_settings(args)
     folder = args.checkpoint_folder_path
@@ -58,11 +60,19 @@ def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
     name, digest = group_identity("only_eval", args.dataset, [split.target for split in splits], record, args.tag)
     # Refused before the (long) scoring; checked again when the group is written.
     check_slot(os.path.join(folder, EVAL_DIR), name, digest)
+    # "load": the model and the image lists, up to the first image through the backbone.
+    load_seconds = time.perf_counter() - start
     results = evaluate_splits(splits, backbone, relational, settings, args.device)
     if is_main_process():
         # The table first: whatever fails afterwards, the numbers have been shown.
         print(format_table(results), flush=True)
-        group = write_results(results, folder, record, None, step=iteration or 0, kind="only_eval", tag=args.tag)
+        phases = phase_seconds(results, load=load_seconds)
+        for result in results:
+            result.seconds["load"] = round(load_seconds, 3)
+        group = write_results(results, folder, record, None, step=iteration or 0, kind="only_eval", tag=args.tag,
+                              phases=phases)
         tensorboard_extra(results, os.path.join(folder, "tensorboard"), step=iteration or 0)
+        written = read_manifest(group)["seconds"]  # as recorded, with the writing itself
+        print("seconds: " + ", ".join(f"{phase} {value:.2f}" for phase, value in written.items()), flush=True)
         print(f"results written to {group}", flush=True)
     return results

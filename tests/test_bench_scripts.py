@@ -25,3 +25,12 @@ def test_bench_eval_toy_run_matches_authors_loop():
     for section in ("## (a) backbone alone", "(b) evaluate_split", "1 relational call with all prototypes",
                     "## (d) fp32 vs bf16 agreement", "## summary", "target amp none >= 1.5x"):
         assert section in out
+
+
+def test_bench_scorers_times_every_registered_scorer():
+    from evaluation.scorers import SCORERS
+    out = run_script("bench_scorers.py", "--sizes", "tiny", "--threads", "1", "--dim", "16",
+                     "--scorers", *SCORERS)
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
+    assert [row[1] for row in rows] == list(SCORERS)
+    assert all(float(row[4]) >= 0 for row in rows)

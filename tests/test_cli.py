@@ -1,5 +1,10 @@
 """The command line: flag ranges refused at parse time, flag combinations refused before any file
 exists, and input errors reported as one line instead of a traceback."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import train
@@ -134,3 +139,18 @@ def test_help_states_each_default_once(capsys):
     assert repeated == []
     assert "(default: 224)" in out and "(default: cuda when available)" in out
     assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_a_torchvision_that_cannot_be_imported_is_named_in_one_line(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    # What a mismatched pair does: torchvision's import fails inside its C extension.
+    (tmp_path / "torchvision").mkdir()
+    (tmp_path / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    done = subprocess.run([sys.executable, str(root / "train.py"), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: torchvision (")
+    assert "cannot be imported with torch" in done.stderr and "torchvision::nms does not exist" in done.stderr
+    assert "pip install --force-reinstall torch torchvision" in done.stderr

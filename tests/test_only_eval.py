@@ -497,3 +497,41 @@ def test_api_from_folder_reads_args_json_like_only_eval(pacs_root, run_folder, c
     # A keyword given explicitly overrides args.json, visibly.
     NoveltyDetector.from_folder(str(run_folder), image_size=64)
     assert f"image_size=64 overrides the run's 32 ({run_folder}/args.json)" in capsys.readouterr().out
+
+
+def test_seconds_per_phase_are_printed_and_recorded(pacs_root, random_checkpoint, capsys):
+    run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo", "--evaluator", "resend,knn"))
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("seconds: "))
+    printed = {name: float(value) for name, value in (part.split() for part in line[len("seconds: "):].split(", "))}
+    assert list(printed) == ["load", "features", "scoring", "writing"]
+    assert all(value >= 0 for value in printed.values()) and printed["features"] > 0
+    (group,) = [p for p in (random_checkpoint / "eval").iterdir() if p.is_dir()]
+    manifest = json.loads((group / "manifest.json").read_text())
+    assert manifest["seconds"] == pytest.approx(printed, abs=0.006)
+    record = json.loads((group / "PACS_DG_Photo_knn.json").read_text())
+    assert set(record["seconds"]) == {"load", "features", "scoring"}
+    assert record["seconds"]["features"] == pytest.approx(printed["features"], abs=0.006)
+
+
+def test_nnk_and_few_shot_reach_the_scores(pacs_root, random_checkpoint, capsys):
+    """Each scoring setting changes the output; a setting dropped on the way would fail here."""
+    def knn_scores(*extra):
+        run(eval_argv(pacs_root, random_checkpoint, "--target", "ArtPainting", "--knn_distance_evaluator", *extra))
+        groups = sorted((p for p in (random_checkpoint / "eval").iterdir() if p.is_dir()),
+                        key=lambda p: p.stat().st_mtime)
+        rows = (groups[-1] / "PACS_DG_ArtPainting_resend_knn_scores.csv").read_text().splitlines()[1:]
+        return np.array([float(row.split(",")[3]) for row in rows]), json.loads(
+            (groups[-1] / "PACS_DG_ArtPainting_resend_knn.json").read_text())
+    one, record_one = knn_scores("--NNK", "1")
+    three, record_three = knn_scores("--NNK", "3")
+    assert record_one["settings"]["NNK"] == 1 and record_three["settings"]["NNK"] == 3
+    # The mean of the 3 best scores never exceeds the best one, and is below it somewhere.
+    assert np.all(three <= one + 1e-6) and np.any(three < one - 1e-4)
+    few, record_few = knn_scores("--few_shot", "1", "--seed", "4")
+    assert record_few["n_support"] == 6 and record_few["settings"]["few_shot"] == 1
+    assert not np.allclose(few, one)
+    capsys.readouterr()
+    knn_scores("--few_shot", "5")
+    assert ("--few_shot 5: PACS_DG/ArtPainting has fewer support images in 6 of 6 classes "
+            "(dog, elephant, giraffe, guitar, horse, ...); all of theirs are used") in capsys.readouterr().out

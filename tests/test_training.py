@@ -60,6 +60,9 @@ def test_run_writes_authors_files_state_logs_and_tensorboard(train_root, tmp_pat
     assert any(f.startswith("events") for f in os.listdir(folder / "tensorboard"))
     log = (folder / "out.txt").read_text()
     assert "it 3/4" in log and "acc_same" in log
+    # Each log line reports the job's throughput and the time left.
+    line = next(line for line in log.splitlines() if "it 3/4" in line)
+    assert re.search(r" \d+ pairs/s  eta \d\d:\d\d:\d\d$", line), line
     assert json.loads((folder / "args.json").read_text())["iterations"] == 4
     model = load_model_folder(str(folder))
     assert model.objective == "L2" and model.iteration == 4
@@ -265,6 +268,7 @@ def test_collapse_warning_on_saturated_outputs():
     assert collapse_warning(healthy, objective) is None
     summary = healthy.summary()
     assert summary["acc_same"] == 1.0 and summary["acc_diff"] == 1.0 and summary["loss"] == pytest.approx(0.5)
+    assert summary["pairs"] == 4
 
 
 def test_num_workers_default_depends_on_device():

@@ -52,13 +52,13 @@ class PeriodStats:
                 self.out_max = torch.maximum(self.out_max, out.max().to(self.out_max.device))
 
     def summary(self) -> Dict[str, float]:
-        """Averages over the period and over every process."""
+        """Averages over the period and over every process, and the number of pairs it trained on."""
         sums = all_reduce_mean(self.sums) * get_world_size()
         loss_sum, n, same_ok, same_n, diff_ok, diff_n = sums.tolist()
         acc_same = same_ok / max(same_n, 1.0)
         acc_diff = diff_ok / max(diff_n, 1.0)
         return {"loss": loss_sum / max(n, 1.0), "acc_same": acc_same, "acc_diff": acc_diff,
-                "acc_mean": (acc_same + acc_diff) / 2}
+                "acc_mean": (acc_same + acc_diff) / 2, "pairs": n}
 
 
 def collapse_warning(stats: PeriodStats, objective: Objective) -> Optional[str]:
@@ -181,18 +181,23 @@ class Engine:
         """The log line and TensorBoard scalars of the period ending at `iteration` (checks for NaN first)."""
         total = self.optimisation.schedule.iterations
         summary = stats.summary()
+        pairs = summary.pop("pairs")
         start, first_iteration = self._period
-        seconds = (time.perf_counter() - start) / max(1, iteration - first_iteration)
+        elapsed = time.perf_counter() - start
+        seconds = elapsed / max(1, iteration - first_iteration)
         eta = seconds * (total - iteration)
-        self.log.info("it %d/%d  loss %.4f  acc_same %.3f  acc_diff %.3f  acc %.3f  lr %.2e  %.3f s/it  eta %s",
-                      iteration, total, summary["loss"], summary["acc_same"], summary["acc_diff"],
-                      summary["acc_mean"], lr, seconds, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        # pairs/s counts every process's pairs: the throughput of the whole job.
+        self.log.info("it %d/%d  loss %.4f  acc_same %.3f  acc_diff %.3f  acc %.3f  lr %.2e  %.3f s/it  "
+                      "%.0f pairs/s  eta %s", iteration, total, summary["loss"], summary["acc_same"],
+                      summary["acc_diff"], summary["acc_mean"], lr, seconds, pairs / max(elapsed, 1e-9),
+                      time.strftime("%H:%M:%S", time.gmtime(eta)))
         # Before TensorBoard, which would only warn about a NaN and record it.
         self.watch.check(self.model, iteration)
         for name, value in summary.items():
             self.tb_writer.add_scalar(f"train/{name}", value, iteration)
         self.tb_writer.add_scalar("train/lr", lr, iteration)
         self.tb_writer.add_scalar("train/seconds_per_iteration", seconds, iteration)
+        self.tb_writer.add_scalar("train/pairs_per_second", pairs / max(elapsed, 1e-9), iteration)
         warning = collapse_warning(stats, self.objective)
         if warning:
             self.log.warning(warning)

@@ -56,7 +56,7 @@ RESUME_FREE = (
     "log_period", "save_period", "eval_period", "eval_dataset", "eval_target", "source_dir", "target_dir",
     "eval_batch_size", "few_shot", "most_significant_prototypes", "knn_distance_evaluator", "evaluator",
     "backbone_only", "only_eval", "demo", "local_rank", "distributed", "device",
-    "dist_timeout_minutes", "debug_errors", "tag", *scorer_flags(),
+    "dist_timeout_minutes", "debug_errors", "quiet", "tag", *scorer_flags(),
     "explicit_flags",  # which flags were typed (train.parse_command_line), not their values
 )
 _PATH_ARGS = ("train_dir", "path_to_txt", "backbone_weights", "data_root", "pretrained")

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from utils.progress import progress
+
 from evaluation.scorers.base import (
     FeatureBatch,
     PairLogits,
@@ -48,7 +50,8 @@ def resend_similarity(logits: Tensor) -> Tensor:
     return -logits[:, 0] if logits.shape[1] == 1 else logits[:, 0]
 
 
-def pairwise_similarity(similarity: PairSimilarity, targets: Tensor, references: Tensor, chunk_size: int) -> Tensor:
+def pairwise_similarity(similarity: PairSimilarity, targets: Tensor, references: Tensor, chunk_size: int,
+                        desc: str = "pairs") -> Tensor:
     """[M, R] matrix of similarity(target, reference), target first, at most chunk_size pairs per call."""
     n_targets, n_refs = targets.shape[0], references.shape[0]
     total = n_targets * n_refs
@@ -57,7 +60,8 @@ def pairwise_similarity(similarity: PairSimilarity, targets: Tensor, references:
     out = None
     # Chunking the flat pair index (not whole targets) bounds every call by chunk_size even when
     # the reference set alone is larger than a chunk.
-    for start in range(0, total, chunk_size):
+    starts = range(0, total, chunk_size)
+    for start in progress(starts, total=len(starts), desc=desc, unit="chunk"):
         pair = torch.arange(start, min(start + chunk_size, total), device=targets.device)
         values = similarity(targets[pair // n_refs], references[pair % n_refs])
         if values.shape != pair.shape:
@@ -126,7 +130,8 @@ class RelationalScorer(Scorer):
         if self.references is None:
             raise RuntimeError(f"{type(self).__name__}.score called before fit")
         check_scored(scored, self.references, "fitted references")
-        return pairwise_similarity(self._pair_similarity, scored, self.references, self.pair_chunk)
+        return pairwise_similarity(self._pair_similarity, scored, self.references, self.pair_chunk,
+                                   desc=f"{self.name}: {scored.shape[0]} x {self.references.shape[0]} pairs")
 
     def _pair_similarity(self, feat_a: Tensor, feat_b: Tensor) -> Tensor:
         """[B] authors' score of the pairs (feat_a[i], feat_b[i])."""
