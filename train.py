@@ -37,7 +37,7 @@ from evaluation.scorers import SCORERS, scorer_flags  # noqa: E402
 from utils.distributed import add_distributed_args, cleanup, init_distributed_mode  # noqa: E402
 from utils.arg_types import (crop_scale, int_at_least, non_negative_float, non_negative_int,  # noqa: E402
                              positive_float, positive_int, probability)
-from utils.precision import AMP_MODES  # noqa: E402
+from utils.precision import AMP_MODES, use_tf32  # noqa: E402
 from utils.progress import set_quiet  # noqa: E402
 
 CUDA_NUM_WORKERS = 4  # DataLoader processes per GPU process when --num_workers is not given
@@ -136,6 +136,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     train.add_argument("--prob_jitter", type=probability, default=0.5, help="probability of the colour jitter")
     train.add_argument("--random_grayscale", type=probability, default=0.1, help="probability of grayscale")
     train.add_argument("--amp", default="none", choices=AMP_MODES, help="mixed precision (CUDA and CPU)")
+    train.add_argument("--no_tf32", action="store_true",
+                       help="with --amp none on CUDA, keep matmuls and convolutions in full fp32 (default: TF32, "
+                            "as the authors' torch 1.8 ran them on Ampere and later GPUs)")
     train.add_argument("--sync_bn", type=str2bool, default=None,
                        help="SyncBatchNorm when distributed (default: on for CUDA, off on the CPU)")
     train.add_argument("--seed", type=int, default=0)
@@ -247,6 +250,9 @@ def main(args: argparse.Namespace) -> None:
         # Saturated sigmoid gradients become denormal floats, which made CPU steps ~30x slower on
         # some CPUs (measured no difference on an AMD AVX512 one); flushing them costs nothing.
         torch.set_flush_denormal(True)
+    # fp32 runs on CUDA use TF32 as the authors' torch 1.8 did, unless --no_tf32; mixed precision
+    # runs keep full fp32 for what autocast leaves in fp32.
+    use_tf32(args.amp == "none" and not args.no_tf32)
     init_distributed_mode(args)
     resolve_num_workers(args)
     try:

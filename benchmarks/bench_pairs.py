@@ -1,5 +1,7 @@
-"""Time and memory of one class-balanced `make_pairs` pass on ImageNet-1k-like labels."""
+"""Time and memory of one class-balanced `make_pairs` pass on ImageNet-1k-like labels, and of a process's
+pass start: from "new pass" (the draw) to its first batch of pair indices (training.pair_stream)."""
 import argparse
+import multiprocessing
 import resource
 import sys
 import time
@@ -7,11 +9,13 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data.distributed import DistributedSampler
 
 # Runnable as `python benchmarks/bench_pairs.py` from anywhere: the project packages live at the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.pairs import make_pairs, pass_rng  # noqa: E402
+from training.pair_stream import ShardBatches  # noqa: E402
 
 TIME_TARGET_S = 5.0
 MEMORY_TARGET_BYTES = 0.5 * 2 ** 30
@@ -51,6 +55,10 @@ def main() -> None:
     parser.add_argument("--min-size", type=int, default=732, help="smallest class size")
     parser.add_argument("--max-size", type=int, default=1300, help="largest class size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world_size", type=int, default=16, help="processes the pass is sharded over")
+    parser.add_argument("--batch_size", type=int, default=256, help="pairs per process per micro-step")
+    parser.add_argument("--with_list_sampler", action="store_true",
+                        help="also time the earlier pass start that built the shard as a Python list")
     args = parser.parse_args()
 
     label_rng = np.random.default_rng(args.seed)
@@ -86,6 +94,52 @@ def main() -> None:
           f"{'met' if traced_peak < MEMORY_TARGET_BYTES else 'NOT met'}")
     print(f"ru_maxrss increase: {rss_increase / gib:.3f} GiB (target < 0.5 GiB): "
           f"{'met' if rss_increase < MEMORY_TARGET_BYTES else 'NOT met'}")
+
+    # One process's pass start, in a fresh child so that its peak memory is its own.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        seconds, first_batch, rss = pool.apply(pass_start, (labels, args.ratio, args.seed, args.world_size,
+                                                            args.batch_size))
+    print(f"pass start of one of {args.world_size} processes (draw + shard + first batch of {args.batch_size} "
+          f"indices): {seconds:.2f} s (target < {TIME_TARGET_S:.0f} s): "
+          f"{'met' if seconds < TIME_TARGET_S else 'NOT met'}; first batch starts {first_batch[:3]}")
+    print(f"its resident peak increase: {rss / gib:.3f} GiB (target < 0.5 GiB): "
+          f"{'met' if rss < MEMORY_TARGET_BYTES else 'NOT met'}")
+    if args.with_list_sampler:
+        with context.Pool(1) as pool:
+            seconds, _, rss = pool.apply(pass_start, (labels, args.ratio, args.seed, args.world_size,
+                                                      args.batch_size, True))
+        print(f"the same with the earlier list-building DistributedSampler: {seconds:.2f} s, "
+              f"resident peak increase {rss / gib:.3f} GiB")
+
+
+def _status_kib(field: str) -> int:
+    """A memory field (VmRSS, VmHWM) of /proc/self/status, in KiB."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def pass_start(labels: np.ndarray, ratio: int, seed: int, world_size: int, batch_size: int,
+               list_sampler: bool = False) -> tuple[float, list, int]:
+    """(seconds, first batch, peak memory increase) from a new pass to rank 0's first batch of indices.
+
+    The peak is the resident high-water mark, reset first (Linux /proc/self/clear_refs) so that the
+    child's start-up (importing torch) cannot hide it, minus the resident size before the pass.
+    """
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")  # resets VmHWM to the current resident size
+    rss_before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    anchors, _, _ = make_pairs(labels, ratio, True, pass_rng(seed, 0))
+    if list_sampler:
+        # What the pipeline did before ShardBatches: the sampler's whole shard as a Python list.
+        sampler = DistributedSampler(range(len(anchors)), num_replicas=world_size, rank=0, shuffle=True, seed=seed,
+                                     drop_last=True)
+        first = list(iter(sampler))[:batch_size]
+    else:
+        first = next(iter(ShardBatches(len(anchors), world_size, 0, seed, 0, batch_size)))
+    seconds = time.perf_counter() - start
+    return seconds, first, (_status_kib("VmHWM") - rss_before) * 1024
 
 
 if __name__ == "__main__":

@@ -154,3 +154,17 @@ def test_a_torchvision_that_cannot_be_imported_is_named_in_one_line(tmp_path):
     assert done.stderr.startswith("error: torchvision (")
     assert "cannot be imported with torch" in done.stderr and "torchvision::nms does not exist" in done.stderr
     assert "pip install --force-reinstall torch torchvision" in done.stderr
+
+
+@pytest.mark.parametrize("argv, tf32", [([], True), (["--no_tf32"], False), (["--amp", "bf16"], False)])
+def test_tf32_follows_amp_and_no_tf32(argv, tf32, monkeypatch):
+    import torch
+    monkeypatch.setattr(train, "init_distributed_mode", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    args = train.get_args_parser().parse_args(["--device", "cpu", *argv])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args)
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True

@@ -21,6 +21,16 @@ def autocast(device: torch.device, amp: str) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def use_tf32(enabled: bool) -> None:
+    """Let CUDA matmuls and cuDNN convolutions run in TF32 (Ampere and later), or keep them in full fp32.
+
+    The authors trained and evaluated with torch 1.8, where TF32 was on by default for both; torch
+    >= 1.12 turned it off for matmuls. Without effect on the CPU.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def grad_scaler(device: torch.device, amp: str) -> "torch.amp.GradScaler":
     """A GradScaler that is active only for fp16 (bf16 has fp32's range and needs none)."""
     return torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
