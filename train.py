@@ -135,6 +135,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="ColorJitter brightness/contrast/saturation")
     train.add_argument("--prob_jitter", type=probability, default=0.5, help="probability of the colour jitter")
     train.add_argument("--random_grayscale", type=probability, default=0.1, help="probability of grayscale")
+    train.add_argument("--device_augment", action="store_true",
+                       help="DataLoader workers only read the files and draw the random augmentation; each batch "
+                            "is decoded (nvJPEG on CUDA) and augmented on the training device, with the same "
+                            "parameters as the default per-image path")
     train.add_argument("--amp", default="none", choices=AMP_MODES, help="mixed precision (CUDA and CPU)")
     train.add_argument("--no_tf32", action="store_true",
                        help="with --amp none on CUDA, keep matmuls and convolutions in full fp32 (default: TF32, "

@@ -135,6 +135,11 @@ def load_truncated_images(enabled: bool) -> None:
     _truncated_policy["load"] = bool(enabled)
 
 
+def truncated_images_allowed() -> bool:
+    """Whether truncated images are decoded (--load_truncated_images) rather than refused."""
+    return _truncated_policy["load"]
+
+
 def load_image(path: str) -> Image.Image:
     """Open an image file as RGB; raise DataError naming the path if it cannot be read whole.
 

@@ -34,3 +34,13 @@ def test_bench_scorers_times_every_registered_scorer():
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
     assert [row[1] for row in rows] == list(SCORERS)
     assert all(float(row[4]) >= 0 for row in rows)
+
+
+def test_bench_train_gpu_runs_both_pipelines_on_the_cpu():
+    out = run_script("bench_train_gpu.py", "--device", "cpu", "--image_size", "32", "--pairs", "4", "--steps", "2",
+                     "--warmup", "1", "--images", "12", "--classes", "3", "--source_size", "48", "40",
+                     "--workers", "0", "--amps", "none")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["none"]]
+    assert [row[1] for row in rows] == ["compute", "workers", "device"]
+    assert all(float(row[2]) > 0 for row in rows)
+    assert "target: none end to end (device) >= 90% of compute-only" in out

@@ -16,7 +16,6 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets.benchmarks import EvalSplit
 from datasets.image_lists import DataError, Sample
 from datasets.train_lists import DEFAULT_EVAL_DATASET, train_samples
-from datasets.transforms import train_transform
 from evaluation.evaluate import EvalResult, evaluate_splits, load_splits
 from evaluation.report import write_results
 from models.backbone import ResNetBackbone
@@ -60,12 +59,11 @@ def build_model(model: ModelSettings, objective: Objective, device: torch.device
 
 def build_pair_stream(samples: List[Sample], data: DataSettings, augmentation: Augmentation,
                       device: torch.device) -> PairStream:
-    """This process's endless stream of augmented pair batches."""
-    transform = train_transform(augmentation.image_size, augmentation.min_scale, augmentation.max_scale,
-                                augmentation.random_horiz_flip, augmentation.jitter, augmentation.prob_jitter,
-                                augmentation.random_grayscale)
-    return PairStream(samples, transform, data.neg_to_pos_ratio, data.class_balancing, data.batch_size,
-                      data.num_workers, data.seed, get_rank(), get_world_size(), pin_memory=device.type == "cuda")
+    """This process's endless stream of augmented pair batches (augmented in the workers, or on `device`)."""
+    settings = augmentation.settings()
+    return PairStream(samples, settings.pil_transform(), data.neg_to_pos_ratio, data.class_balancing, data.batch_size,
+                      data.num_workers, data.seed, get_rank(), get_world_size(), pin_memory=device.type == "cuda",
+                      device_augment=(settings, device) if augmentation.on_device else None)
 
 
 def periodic_eval_splits(evaluation: PeriodicEvalSettings, training_dataset: str) -> Tuple[List[EvalSplit], str]:

@@ -1,10 +1,11 @@
 """An endless, resumable stream of pair batches: pairs redrawn every pass, sharded over processes."""
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datasets.augment import AugmentSettings, PairBytesDataset, augment_batch, collate_pair_bytes
 from datasets.image_lists import Sample
 from datasets.pairs import PairDataset, make_pairs, pass_rng
 
@@ -76,7 +77,10 @@ class PairStream:
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, neg_to_pos_ratio: int,
                  class_balancing: bool, batch_size: int, num_workers: int, seed: int, rank: int,
-                 world_size: int, pin_memory: bool) -> None:
+                 world_size: int, pin_memory: bool,
+                 device_augment: Optional[Tuple[AugmentSettings, torch.device]] = None) -> None:
+        """`device_augment` (settings, device): workers read bytes and draw parameters, the batch is decoded
+        and augmented on the device (the same parameters as `transform` would draw per image)."""
         self.samples: List[Sample] = list(samples)
         self.labels = np.fromiter((label for _, label in self.samples), dtype=np.int64,
                                   count=len(self.samples))
@@ -89,6 +93,7 @@ class PairStream:
         self.rank = rank
         self.world_size = world_size
         self.pin_memory = pin_memory
+        self.device_augment = device_augment
         # The number of pairs per pass does not depend on the draw, so it is known up front.
         n_classes = len(np.unique(self.labels))
         if class_balancing:
@@ -105,18 +110,23 @@ class PairStream:
     def _loader(self, pass_index: int, skip_batches: int) -> DataLoader:
         anchor_idx, other_idx, relation = make_pairs(self.labels, self.neg_to_pos_ratio,
                                                      self.class_balancing, pass_rng(self.seed, pass_index))
-        dataset = SeededItems(PairDataset(self.samples, anchor_idx, other_idx, relation, self.transform),
-                              self.seed, pass_index)
+        pairs = PairDataset(self.samples, anchor_idx, other_idx, relation, self.transform)
+        if self.device_augment is not None:
+            pairs = PairBytesDataset(pairs, self.device_augment[0])
+        dataset = SeededItems(pairs, self.seed, pass_index)
         # Every rank drew the same pairs from the shared seed; the shards partition them.
         batches = ShardBatches(len(dataset), self.world_size, self.rank, self.seed, pass_index, self.batch_size,
                                skip_batches)
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=False)
+                          pin_memory=self.pin_memory and self.device_augment is None, persistent_workers=False,
+                          collate_fn=collate_pair_bytes if self.device_augment is not None else None)
 
     def batches(self, start_micro_step: int) -> Iterator[Tuple[int, tuple]]:
         """Endless (pass_index, batch) from the given global micro-step on."""
         pass_index, skip = divmod(start_micro_step, self.batches_per_pass)
         while True:
             for batch in self._loader(pass_index, skip):
+                if self.device_augment is not None:
+                    batch = augment_batch(batch, *self.device_augment)
                 yield pass_index, batch
             pass_index, skip = pass_index + 1, 0

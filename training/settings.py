@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
+from datasets.augment import AugmentSettings
 from evaluation.evaluate import EvalSettings
 from evaluation.settings import eval_settings, settings_record
 from utils.optim import lr_at_iteration
@@ -71,13 +72,19 @@ class Augmentation:
     jitter: float
     prob_jitter: float
     random_grayscale: float
+    on_device: bool  # decode and augment whole batches on the training device (--device_augment)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Augmentation":
         """The augmentation flags."""
         return cls(image_size=args.image_size, min_scale=args.min_scale, max_scale=args.max_scale,
                    random_horiz_flip=args.random_horiz_flip, jitter=args.jitter, prob_jitter=args.prob_jitter,
-                   random_grayscale=args.random_grayscale)
+                   random_grayscale=args.random_grayscale, on_device=args.device_augment)
+
+    def settings(self) -> AugmentSettings:
+        """The augmentation's parameters as datasets.augment reads them."""
+        return AugmentSettings(self.image_size, self.min_scale, self.max_scale, self.random_horiz_flip, self.jitter,
+                               self.prob_jitter, self.random_grayscale)
 
 
 @dataclass(frozen=True)

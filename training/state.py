@@ -47,7 +47,7 @@ RESUME_MUST_MATCH = (
 # which the checkpoint's replace.
 RESUME_MAY_CHANGE = (
     "data_root", "batch_size", "accum_steps", "world_size", "amp", "sync_bn", "num_workers", "pretrained",
-    "dist_backend", "load_truncated_images", "no_tf32",
+    "dist_backend", "load_truncated_images", "no_tf32", "device_augment",
 )
 # Not compared: how this process runs and reports, not what it trains; the scorers' hyperparameter
 # flags (from the scorer registry) only change how the periodic evaluation scores.
