@@ -1,5 +1,10 @@
 """Tests for evaluation.api.NoveltyDetector, the plug-and-play Python API."""
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +98,32 @@ def test_from_folder_takes_the_run_settings_from_args_json(checkpoint, capsys):
     (checkpoint / "args.json").write_text("{")
     with pytest.raises(RunSettingsError, match=f"cannot read the run's settings {checkpoint}/args.json"):
         NoveltyDetector.from_folder(str(checkpoint))
+
+
+def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python API snippet, run from another folder with the repository on PYTHONPATH."""
+    from tests.imagegen import make_image_tree
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Python API", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    # The files it names, in a folder of its own: two known classes, two queries.
+    make_image_tree(tmp_path / "images", {"cat": 3, "dog": 2}, size=20)
+    (tmp_path / "support").mkdir()
+    for name, source in (("cat_1", "cat/img_000"), ("cat_2", "cat/img_001"), ("dog_1", "dog/img_000")):
+        (tmp_path / "support" / f"{name}.jpg").write_bytes((tmp_path / "images" / f"{source}.jpg").read_bytes())
+    for name, source in (("query_1", "cat/img_002"), ("query_2", "dog/img_001")):
+        (tmp_path / f"{name}.jpg").write_bytes((tmp_path / "images" / f"{source}.jpg").read_bytes())
+    save_informative_checkpoint(tmp_path / "outputs" / "ImageNet_resnet18_rel_transformer",
+                                [(str(tmp_path / "support" / f"{n}.jpg"), label)
+                                 for n, label in (("cat_1", 0), ("cat_2", 0), ("dog_1", 1))], 224)
+    if not torch.cuda.is_available():
+        snippet = snippet.replace('device="cuda"', 'device="cpu"')
+    script = snippet + "\nimport json\nprint(json.dumps([result.normality.tolist(), result.pred.tolist()]))\n"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    normality, preds = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(normality) == 2 and all(0 < value <= 1 for value in normality) and set(preds) <= {0, 1}
+    # It says where its settings and weights came from.
+    assert "no args.json in outputs/ImageNet_resnet18_rel_transformer: using image_size=224" in done.stdout
