@@ -69,7 +69,7 @@ def make_pairs(labels: np.ndarray, neg_to_pos_ratio: int, class_balancing: bool,
 
     n_images = len(labels)
     idx_dtype = _index_dtype(n_images)
-    class_of = inverse.astype(np.int32 if n_classes < 2 ** 31 else np.int64)
+    class_of = inverse.astype(idx_dtype)  # class ids < n_classes <= n_images
     del inverse
     # Images grouped by class: class c occupies by_class[starts[c] : starts[c] + counts[c]].
     by_class = np.argsort(class_of, kind="stable").astype(idx_dtype)

@@ -40,7 +40,8 @@ def auroc(scores: np.ndarray, is_known: np.ndarray) -> float:
 def fpr_at_95_tpr(scores: np.ndarray, is_known: np.ndarray) -> float:
     """False positive rate at the operating point whose recall is nearest 95%, the authors' way."""
     scores, is_known = _check_inputs(scores, is_known)
-    order = np.argsort(scores, kind="mergesort")[::-1]
+    # The order within a run of equal scores does not matter: only the run ends are read.
+    order = np.argsort(scores)[::-1]
     sorted_scores = scores[order]
     sorted_known = is_known[order]
     # One operating point per distinct score: the last position of each run of equal scores,
@@ -116,3 +117,33 @@ def compute_metrics(
         "n_known": int(is_known.sum()),
         "n_unknown": int((~is_known).sum()),
     }
+
+
+def fpr_at_95_tpr_interpolated(scores: np.ndarray, is_known: np.ndarray) -> float:
+    """False positive rate at recall 0.95 read off the ROC curve by linear interpolation.
+
+    The convention of OODDetectionBench (`ood_metrics.fpr_at_95_tpr`): the ROC curve is the polyline
+    through (0, 0) and one operating point per distinct score ("known if score >= t", ties accepted
+    together); where recall 0.95 falls inside a segment, the FPR is interpolated linearly along it;
+    where the curve meets recall 0.95 exactly, the largest FPR with that recall is taken (the right
+    end of a horizontal run). Unlike `fpr_at_95_tpr` (the ReSeND authors' nearest-recall rule) the
+    result need not be a multiple of 1 / n_unknown.
+    """
+    scores, is_known = _check_inputs(scores, is_known)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    true_positives = np.cumsum(is_known[order])
+    run_ends = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
+    tps = true_positives[run_ends]
+    fps = run_ends + 1 - tps
+    n_pos, n_neg = tps[-1], sorted_scores.size - tps[-1]
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    # tpr[0] = 0 < 0.95 <= tpr[-1] = 1: `last_below` is a point before the last.
+    last_below = int(np.flatnonzero(tpr < RECALL_LEVEL)[-1])
+    at_level = np.flatnonzero(tpr == RECALL_LEVEL)
+    if at_level.size:
+        return float(fpr[at_level[-1]])
+    low, high = last_below, last_below + 1
+    slope = (fpr[high] - fpr[low]) / (tpr[high] - tpr[low])
+    return float(fpr[low] + slope * (RECALL_LEVEL - tpr[low]))

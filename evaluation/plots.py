@@ -5,7 +5,8 @@ The inputs are `evaluation.evaluate.EvalResult` objects or anything with the sam
 known_classes) is the positive class. `plots_from_eval_dir` rebuilds the figures from the files of
 one result group (`<run>/eval/<group>/`: `<stem>.json` and `<stem>_scores.csv`; the manifest and
 summary files are not read), so `media/` can be regenerated from a run.
-Figures are drawn on matplotlib's Agg canvas directly: no display and no global backend switch.
+Figures are plain matplotlib Figures written as PNG (Agg renders them): no pyplot, no display and no global
+backend switch.
 """
 import csv
 import json
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
@@ -49,7 +49,7 @@ def _title(result: Any) -> str:
 
 def _known_mask(result: Any) -> np.ndarray:
     """Boolean mask of the known samples; ValueError unless both known and unknown ones exist."""
-    normality = np.asarray(result.normality, dtype=np.float64)
+    normality = np.asarray(result.normality)
     labels = np.asarray(result.labels)
     if normality.shape != labels.shape or normality.ndim != 1:
         raise ValueError(f"{_title(result)}: normality {normality.shape} and labels {labels.shape} "
@@ -69,7 +69,6 @@ def _require_results(results: Sequence[Any]) -> None:
 
 def _save_figure(figure: Figure, path: str) -> str:
     """Render `figure` to a PNG at `path` via a temporary file; returns the path."""
-    FigureCanvasAgg(figure)
     with atomic_open(path, "wb") as out:
         figure.savefig(out, format="png", dpi=120)
     return path
@@ -84,7 +83,7 @@ def plot_roc(results: Sequence[Any], path: str) -> str:
         is_known = _known_mask(result)
         if result.metrics.get("auroc") is None:
             raise ValueError(f"{_title(result)}: metrics has no 'auroc'")
-        fpr, tpr, _ = roc_curve(is_known.astype(np.int64), np.asarray(result.normality, np.float64))
+        fpr, tpr, _ = roc_curve(is_known, result.normality)
         axes.plot(fpr, tpr, linewidth=1.6,
                   label=f"{_title(result)}  AUROC {100 * result.metrics['auroc']:.2f}")
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
@@ -107,7 +106,7 @@ def plot_score_histograms(results: Sequence[Any], path: str) -> str:
     figure = Figure(figsize=(4.2 * n_cols, 3.4 * n_rows))
     for index, result in enumerate(results):
         is_known = _known_mask(result)
-        normality = np.asarray(result.normality, dtype=np.float64)
+        normality = np.asarray(result.normality)
         # Shared bins so the two histograms are comparable bar for bar.
         bins = np.histogram_bin_edges(normality, bins=_HISTOGRAM_BINS)
         axes = figure.add_subplot(n_rows, n_cols, index + 1)

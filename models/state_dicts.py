@@ -108,4 +108,4 @@ def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], source: st
         if misshaped:
             problems.append(f"misshaped tensors {_show(misshaped)}")
         raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state)  # strict by default; the keys and shapes were checked above

@@ -1,5 +1,6 @@
 """Tests for models.checkpoint: the authors' layouts, strict loading and atomic saving."""
 import os
+import re
 
 import pytest
 import torch
@@ -7,15 +8,24 @@ from torchvision.models import resnet18 as tv_resnet18
 
 from models.backbone import ResNetBackbone
 from models.checkpoint import (
-    FEATURE_EXTRACTOR_FILE, LAST_CHECKPOINT_FILE, RELATIONAL_FILE, CheckpointError, atomic_torch_save,
-    backbone_state_from_any, backbone_state_to_authors, infer_network, load_model_folder, read_state_file,
+    FEATURE_EXTRACTOR_FILE,
+    LAST_CHECKPOINT_FILE,
+    RELATIONAL_FILE,
+    CheckpointError,
+    atomic_torch_save,
+    backbone_state_from_any,
+    backbone_state_to_authors,
+    infer_network,
+    load_model_folder,
+    read_state_file,
     save_model_folder,
 )
 from models.relational import RelationalTransformer
+from models.state_dicts import load_state_strict
 from utils.atomic_files import atomic_write_text
 
 HEADS = 4
-SMALL = dict(embed_dim=32, n_heads=HEADS)
+SMALL = {"embed_dim": 32, "n_heads": HEADS}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +133,8 @@ def test_infer_network():
     assert infer_network(ResNetBackbone("resnet18").state_dict()) == "resnet18"
     assert infer_network({"layer1.0.conv1.weight": torch.zeros(1), "layer1.0.conv3.weight": torch.zeros(1)}) \
         == "resnet50"
-    with pytest.raises(CheckpointError, match="network"):
+    with pytest.raises(CheckpointError, match=r"^cannot infer the backbone network: no 'layer1\.0\.conv1\.weight' key in "
+                                              r"the backbone state \(first keys: \[features\.0\.weight\]\)$"):
         infer_network({"features.0.weight": torch.zeros(1)})
 
 
@@ -202,7 +213,7 @@ def test_missing_folder_and_files_refused(tmp_path, authors_folder):
 @pytest.mark.parametrize("content", [os.urandom(256), b"hello world\n", b""])
 def test_garbage_file_refused_with_path(authors_folder, content):
     (authors_folder / FEATURE_EXTRACTOR_FILE).write_bytes(content)
-    with pytest.raises(CheckpointError, match=r"feature_extractor\.pkl"):
+    with pytest.raises(CheckpointError, match=r"^cannot read .*ckpt/feature_extractor\.pkl as a torch state dict: \w+Error: "):
         load_model_folder(authors_folder, n_heads=HEADS)
 
 
@@ -307,7 +318,7 @@ def test_kill_during_torch_save_keeps_previous_checkpoint(tmp_path, monkeypatch)
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="^killed$"):
         save_model_folder(tmp_path, new_backbone, make_relational(), iteration=200)
     monkeypatch.setattr(torch, "save", real_save)
     assert len(calls) == 2
@@ -346,3 +357,126 @@ def test_atomic_helpers_overwrite_and_survive_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(read_state_file(str(path))["a"], torch.zeros(2))
     assert sorted(os.listdir(tmp_path)) == ["t.txt", "x.pkl"]
+
+
+# ---------------------------------------------------------------- state_dicts: messages and reading
+
+def _raises_checkpoint_error(message):
+    """pytest.raises(CheckpointError) whose message must be exactly `message`."""
+    return pytest.raises(CheckpointError, match="^" + re.escape(message) + "$")
+
+
+def _linears(n):
+    """A Sequential of n Linear(1, 1) layers: keys '0.weight', '0.bias', ... (2n keys)."""
+    return torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(n)])
+
+
+def test_load_state_strict_message_lists_every_problem_kind():
+    module = _linears(2)
+    state = dict(module.state_dict())
+    del state["1.bias"]
+    state["0.weight"] = torch.zeros(1, 3)
+    state["extra"] = torch.zeros(1)
+    with _raises_checkpoint_error("src.pkl does not match Sequential: missing keys [1.bias]; unexpected keys "
+                                  "[extra]; misshaped tensors [0.weight: (1, 3) vs model (1, 1)]"):
+        load_state_strict(module, state, source="src.pkl")
+
+
+def test_load_state_strict_message_is_bounded_at_20_keys():
+    # 20 missing keys are all listed; from 21 on, the first 20 in sorted order and a count.
+    twenty = sorted(_linears(10).state_dict())
+    with _raises_checkpoint_error(f"s does not match Sequential: missing keys [{', '.join(twenty)}]"):
+        load_state_strict(_linears(10), {}, source="s")
+    module = _linears(11)
+    keys = sorted(module.state_dict())
+    assert keys[:3] == ["0.bias", "0.weight", "1.bias"] and len(keys) == 22
+    with _raises_checkpoint_error(f"s does not match Sequential: missing keys [{', '.join(keys[:20])}] ... (+2 more)"):
+        load_state_strict(module, {}, source="s")
+    state = {k: v for k, v in module.state_dict().items() if k != "10.bias"}
+    with _raises_checkpoint_error("s does not match Sequential: missing keys [10.bias]"):
+        load_state_strict(module, state, source="s")
+
+
+def test_load_state_strict_loads_the_values():
+    module, source = _linears(2), _linears(2)
+    load_state_strict(module, source.state_dict(), source="s")
+    for key, value in source.state_dict().items():
+        assert torch.equal(module.state_dict()[key], value)
+
+
+def test_infer_network_message_shows_the_first_five_keys():
+    state = {f"k{i}": torch.zeros(1) for i in range(7)}
+    with _raises_checkpoint_error("cannot infer the backbone network: no 'layer1.0.conv1.weight' key in the "
+                                  "backbone state (first keys: [k0, k1, k2, k3, k4] ... (+2 more))"):
+        infer_network(state)
+
+
+def test_read_state_file_missing_file_named(tmp_path):
+    path = str(tmp_path / "nowhere.pkl")
+    with _raises_checkpoint_error(f"checkpoint file not found: {path}"):
+        read_state_file(path)
+
+
+@pytest.mark.parametrize("error, shown", [
+    (RuntimeError("first line\nsecond line"), "RuntimeError: first line"),
+    (EOFError(), "EOFError: "),
+    (KeyError(101), "KeyError: 101"),
+])
+def test_read_state_file_reports_the_load_error(tmp_path, monkeypatch, error, shown):
+    path = tmp_path / "x.pkl"
+    torch.save({"a": torch.zeros(1)}, path)
+
+    def failing_load(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with _raises_checkpoint_error(f"cannot read {path} as a torch state dict: {shown}"):
+        read_state_file(str(path))
+
+
+def test_read_state_file_loads_weights_only_where_asked(tmp_path, monkeypatch):
+    path = tmp_path / "x.pkl"
+    torch.save({"a": torch.ones(2)}, path)
+    real_load, calls = torch.load, []
+
+    def spying_load(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spying_load)
+    state = read_state_file(str(path), map_location="meta")
+    # weights_only=True explicitly: before torch 2.6 (requirements admit 2.2) the default was False.
+    assert calls == [{"map_location": "meta", "weights_only": True}]
+    assert state["a"].device.type == "meta" and state["a"].shape == (2,)
+
+
+class _Payload:
+    """A pickled object whose loading would create a file (arbitrary code with weights_only=False)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_read_state_file_never_runs_pickled_code(tmp_path):
+    path, marker = tmp_path / "evil.pkl", tmp_path / "ran"
+    torch.save({"a": torch.zeros(1), "b": _Payload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match=f"^cannot read {re.escape(str(path))} as a torch state dict: "
+                                              "UnpicklingError: "):
+        read_state_file(str(path))
+    assert not marker.exists()
+
+
+def test_read_state_file_reads_the_open_handle(tmp_path):
+    real = tmp_path / "real.pkl"
+    torch.save({"a": torch.full((2,), 3.0)}, real)
+    # `path` only names the file in messages once a handle is given: it need not exist.
+    with open(real, "rb") as handle:
+        state = read_state_file(str(tmp_path / "label.pkl"), handle=handle)
+    assert torch.equal(state["a"], torch.full((2,), 3.0))
+    (tmp_path / "bad.pkl").write_bytes(b"not a checkpoint")
+    with open(tmp_path / "bad.pkl", "rb") as handle, \
+            pytest.raises(CheckpointError, match=r"^cannot read .*label\.pkl as a torch state dict"):
+        read_state_file(str(tmp_path / "label.pkl"), handle=handle)

@@ -27,12 +27,12 @@ def test_demo_settings_fill_only_flags_not_given():
     assert args.iterations == 7 and args.learning_rate == 0.5 and args.eval_period == 7
     plain = train.parse_command_line(["--iterations", "7"])
     assert plain.dataset == "ImageNet" and plain.optimizer == "lars" and plain.image_size == 224
-    with pytest.raises(ValueError, match="Digits"):
+    with pytest.raises(ValueError, match=r"^--demo trains on Digits; got --dataset PACS_DG$"):
         train.parse_command_line(["--demo", "--dataset", "PACS_DG"])
 
 
-def test_demo_writes_run_folder_and_beats_chance_on_seen(demo_run):
-    args, folder = demo_run
+def test_demo_writes_run_folder_and_scores_both_targets(demo_run):
+    _, folder = demo_run
     for name in ("args.json", "out.txt", "figures/roc.png", "figures/score_histograms.png"):
         assert (folder / name).is_file(), name
     assert load_model_folder(str(folder)).iteration == int(SHORT_DEMO_ITERATIONS)
@@ -45,7 +45,14 @@ def test_demo_writes_run_folder_and_beats_chance_on_seen(demo_run):
     novel = json.loads((group / "Digits_novel.json").read_text())
     assert seen["n_known"] == 270 and seen["n_unknown"] == 896
     assert novel["n_known"] == 270 and novel["n_unknown"] == 354
-    assert seen["auroc"] > 0.65, seen["auroc"]
+    # Thresholds from measured runs of this shortened demo (2 CPU cores), with margin:
+    #   resend as it is:          seen AUROC 0.785, novel AUROC 0.675, closed-set accuracy seen 0.615, novel 0.626
+    #   per-pair score negated:   seen AUROC 0.697, novel AUROC 0.569, closed-set accuracy seen 0.004, novel 0.078
+    # Closed-set accuracy is what a sign error destroys (every image goes to its least similar prototype).
+    assert seen["closed_set_acc"] > 0.4, seen["closed_set_acc"]
+    assert novel["closed_set_acc"] > 0.4, novel["closed_set_acc"]
+    assert seen["auroc"] > 0.72, seen["auroc"]
+    assert novel["auroc"] > 0.6, novel["auroc"]
     assert seen["settings"]["image_size"] == 32 and seen["settings"]["iteration"] == int(SHORT_DEMO_ITERATIONS)
     # The baselines run on the same features and appear in the same table.
     summary = json.loads((group / "Digits_summary.json").read_text())

@@ -1,4 +1,7 @@
 """Tests for evaluation.metrics: hand-computed FPR95 (authors' rule), sklearn agreement, errors."""
+import itertools
+import re
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -10,6 +13,7 @@ from evaluation.metrics import (
     closed_set_accuracy,
     compute_metrics,
     fpr_at_95_tpr,
+    fpr_at_95_tpr_interpolated,
 )
 
 
@@ -155,21 +159,123 @@ def test_closed_set_accuracy_ignores_unknown_samples():
     assert closed_set_accuracy(preds, labels, known_classes=2) == pytest.approx(0.5)
 
 
+def _raises_exactly(message):
+    """pytest.raises(ValueError) whose message must be exactly `message`."""
+    return pytest.raises(ValueError, match="^" + re.escape(message) + "$")
+
+
 def test_errors_name_the_problem():
     scores = np.array([0.1, 0.2, 0.3])
-    with pytest.raises(ValueError, match="no known"):
+    with _raises_exactly("no known (positive) samples among the 3 scored samples"):
         compute_metrics(scores, np.array([3, 4, 5]), None, known_classes=3)
-    with pytest.raises(ValueError, match="no unknown"):
+    with _raises_exactly("no unknown (negative) samples among the 3 scored samples"):
         compute_metrics(scores, np.array([0, 1, 2]), None, known_classes=3)
-    with pytest.raises(ValueError, match="NaN"):
+    with _raises_exactly("scores contain 1 NaN value(s) (first at index 1)"):
         compute_metrics(np.array([0.1, np.nan, 0.3]), np.array([0, 1, 5]), None, known_classes=3)
-    with pytest.raises(ValueError, match="length mismatch"):
+    with _raises_exactly("length mismatch: scores shape (3,) vs labels shape (2,)"):
         compute_metrics(scores, np.array([0, 5]), None, known_classes=3)
-    with pytest.raises(ValueError, match="length mismatch"):
+    with _raises_exactly("length mismatch: preds shape (2,) vs labels shape (3,)"):
         compute_metrics(scores, np.array([0, 1, 5]), np.array([0, 1]), known_classes=3)
-    with pytest.raises(ValueError, match="length mismatch"):
+    with _raises_exactly("length mismatch: 3 scores but 2 is_known flags"):
         fpr_at_95_tpr(scores, np.array([True, False]))
-    with pytest.raises(ValueError, match="no unknown"):
+    with _raises_exactly("no unknown (negative) samples among the 3 scored samples"):
         auroc(scores, np.ones(3, bool))
-    with pytest.raises(ValueError, match="no known"):
+    with _raises_exactly("no known samples (label < 3) to compute closed-set accuracy on"):
         closed_set_accuracy(np.array([0, 1]), np.array([4, 5]), known_classes=3)
+
+
+MIXED = np.array([True, False, True, False])
+
+
+@pytest.mark.parametrize("scores, is_known, message", [
+    (np.zeros((2, 2)), np.array([True, False]), "scores and is_known must be 1-D, got shapes (2, 2) and (2,)"),
+    (np.zeros(2), np.array([[True, False]]), "scores and is_known must be 1-D, got shapes (2,) and (1, 2)"),
+    (np.zeros(3), np.array([1, 0, 1]), "is_known must be a boolean array, got dtype int64"),
+    # Two bad values each: the count and the first index are both in the message.
+    (np.array([0.1, np.nan, 0.2, np.nan]), MIXED, "scores contain 2 NaN value(s) (first at index 1)"),
+    (np.array([0.1, np.inf, 0.2, -np.inf]), MIXED, "scores contain 2 infinite value(s) (first at index 1)"),
+])
+@pytest.mark.parametrize("metric", [auroc, fpr_at_95_tpr, aupr_in, aupr_out])
+def test_score_input_errors(metric, scores, is_known, message):
+    with _raises_exactly(message):
+        metric(scores, is_known)
+
+
+@pytest.mark.parametrize("labels, known_classes, message", [
+    (np.zeros((1, 2), int), 1, "labels must be 1-D, got shape (1, 2)"),
+    (np.array([0.0, 1.0]), 1, "labels must be integers, got dtype float64"),
+    (np.array([0, -3]), 1, "labels must be non-negative, got -3"),
+    (np.array([0, 3]), 0, "known_classes must be a positive integer, got 0"),
+    (np.array([0, 3]), -2, "known_classes must be a positive integer, got -2"),
+    (np.array([0, 3]), True, "known_classes must be a positive integer, got True"),
+    (np.array([0, 3]), 1.0, "known_classes must be a positive integer, got 1.0"),
+    (np.array([0, 3]), "2", "known_classes must be a positive integer, got '2'"),
+])
+def test_label_errors(labels, known_classes, message):
+    with _raises_exactly(message):
+        closed_set_accuracy(np.zeros(2, int), labels, known_classes)
+    with _raises_exactly(message):
+        compute_metrics(np.array([0.5, 0.1]), labels, None, known_classes)
+
+
+def test_one_known_class_is_valid():
+    labels = np.array([0, 0, 1, 2])
+    assert closed_set_accuracy(np.array([0, 1, 1, 1]), labels, known_classes=1) == 0.5
+    assert closed_set_accuracy(np.array([0, 1, 1, 1]), labels, np.int64(2)) == pytest.approx(2 / 3)
+    out = compute_metrics(np.array([0.9, 0.8, 0.1, 0.85]), labels, None, known_classes=1)
+    assert (out["n_known"], out["n_unknown"]) == (2, 2) and out["auroc"] == 0.75
+
+
+# ---------------------------------------------------------------- FPR95, interpolated (OODDetectionBench)
+
+def brute_force_fpr95_interpolated(scores, is_known):
+    """Loop version of the interpolated rule: the ROC polyline from (0, 0) through one point per distinct
+    threshold ("known if score >= t"); the largest FPR where recall is exactly 0.95, else linear
+    interpolation on the segment that crosses 0.95."""
+    n_pos, n_neg = int(np.sum(is_known)), int(np.sum(~is_known))
+    points = [(0.0, 0.0)]
+    for t in sorted(set(scores.tolist()), reverse=True):
+        accepted = scores >= t
+        points.append((np.sum(accepted & is_known) / n_pos, np.sum(accepted & ~is_known) / n_neg))
+    exact = [fpr for recall, fpr in points if recall == 0.95]
+    if exact:
+        return max(exact)
+    for (r0, f0), (r1, f1) in itertools.pairwise(points):
+        if r0 < 0.95 < r1:
+            return f0 + (f1 - f0) * (0.95 - r0) / (r1 - r0)
+    raise AssertionError("no segment crosses recall 0.95")
+
+
+def test_fpr95_interpolated_hand_examples():
+    # Recall 0.95 is met exactly at t = 2 (19 of 20 known; unknowns at 25 and 2) -> FPR 2/4.
+    scores = np.r_[np.arange(20, 0, -1, dtype=float), [25.0, 2.0, 0.5, 0.5]]
+    is_known = np.r_[np.ones(20, bool), np.zeros(4, bool)]
+    assert fpr_at_95_tpr_interpolated(scores, is_known) == pytest.approx(0.5)
+    # Recall 0.9 at t = 1.5 (FP 2), 1.0 at t = 1 (FP 3): halfway -> FPR 2.5/4 (the authors' rule gives 2/4).
+    scores = np.r_[np.arange(10, 0, -1, dtype=float), [5.5, 1.5, 1.0, 0.5]]
+    is_known = np.r_[np.ones(10, bool), np.zeros(4, bool)]
+    assert fpr_at_95_tpr_interpolated(scores, is_known) == pytest.approx(0.625)
+    assert fpr_at_95_tpr(scores, is_known) == pytest.approx(0.5)
+    # Recall 0.95 on a horizontal run (t = 9: FP 1, t = 8.5: FP 2, both 19 of 20 known): the right end.
+    scores = np.r_[np.full(18, 10.0), [9.0, 1.0], [9.5, 8.5, 0.0]]
+    is_known = np.r_[np.ones(20, bool), np.zeros(3, bool)]
+    assert fpr_at_95_tpr_interpolated(scores, is_known) == pytest.approx(2 / 3)
+    assert fpr_at_95_tpr_interpolated(-np.arange(4.0), np.array([True, True, False, False])) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_fpr95_interpolated_matches_brute_force_on_random_tied_scores(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    is_known = rng.random(n) < rng.uniform(0.2, 0.8)
+    is_known[0], is_known[1] = True, False
+    scores = rng.integers(0, 8, size=n).astype(float) + 2.0 * is_known
+    expected = brute_force_fpr95_interpolated(scores, is_known)
+    assert fpr_at_95_tpr_interpolated(scores, is_known) == pytest.approx(expected, abs=1e-12)
+
+
+def test_fpr95_interpolated_checks_its_inputs():
+    with _raises_exactly("no unknown (negative) samples among the 3 scored samples"):
+        fpr_at_95_tpr_interpolated(np.array([0.1, 0.2, 0.3]), np.ones(3, bool))
+    with _raises_exactly("scores contain 1 NaN value(s) (first at index 0)"):
+        fpr_at_95_tpr_interpolated(np.array([np.nan, 0.2]), np.array([True, False]))

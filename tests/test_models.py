@@ -9,7 +9,7 @@ from models.backbone import NETWORKS, ResNetBackbone, fold_batchnorm
 from models.objective import OBJECTIVES, l2_output, predict_different, relation_loss
 from models.relational import RelationalTransformer
 
-SMALL = dict(embed_dim=32, depth=2, n_heads=4)
+SMALL = {"embed_dim": 32, "depth": 2, "n_heads": 4}
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_relational_zero_head_outputs_zero():
 def test_relational_bad_arguments():
     with pytest.raises(ValueError, match="head_init.*'xavier'"):
         RelationalTransformer(feat_dim=16, head_init="xavier", **SMALL)
-    with pytest.raises(ValueError, match="n_outputs"):
+    with pytest.raises(ValueError, match=r"^n_outputs must be 1 \(L2 objective\) or 2 \(CE objective\); got 3$"):
         RelationalTransformer(feat_dim=16, n_outputs=3, **SMALL)
     model = RelationalTransformer(feat_dim=16, **SMALL)
     with pytest.raises(ValueError, match=r"\[B, 16\]"):
@@ -278,7 +278,7 @@ def test_l2_output_values():
     # compression 1, expansion 4: 4 * sigmoid(0.1) - 2
     assert torch.allclose(l2_output(torch.tensor([0.1]), 1.0, 4.0),
                           torch.tensor([4 / (1 + math.exp(-0.1)) - 2]))
-    with pytest.raises(ValueError, match=r"\(2, 2\)"):
+    with pytest.raises(ValueError, match=r"^L2 objective expects logits of shape \[B, 1\] or \[B\]; got \(2, 2\)$"):
         l2_output(torch.zeros(2, 2))
 
 
@@ -294,12 +294,37 @@ def test_l2_loss_hand_computed():
     assert math.isclose(relation_loss(torch.zeros(1, 1), torch.tensor([0]), "L2", 10.0, 4.0).item(), 4.0)
 
 
+def test_l2_loss_uses_compression_and_expansion():
+    logits = torch.tensor([[0.3], [-0.2], [0.05]])
+    relation = torch.tensor([1, 0, 0])
+    for c, e in ((10.0, 2.0), (1.0, 4.0), (3.0, 0.5)):
+        outputs = [e / (1 + math.exp(-c * x)) - e / 2 for x in (0.3, -0.2, 0.05)]
+        targets = [e / 2, -e / 2, -e / 2]
+        expected = sum((o - t) ** 2 for o, t in zip(outputs, targets)) / 3
+        assert math.isclose(relation_loss(logits, relation, "L2", c, e).item(), expected, rel_tol=1e-5)
+    # The defaults are c = 10, e = 2.
+    assert relation_loss(logits, relation, "L2").item() == relation_loss(logits, relation, "L2", 10.0, 2.0).item()
+    assert relation_loss(logits, relation, "L2").item() != pytest.approx(relation_loss(logits, relation, "L2", 1.0, 2.0).item())
+
+
+def test_l2_loss_keeps_float64_precision():
+    # Targets in the logits' dtype: with e = 0.3 a float32 target (0.15 -> 0.15000000596) moves the loss by ~1e-8.
+    logits = torch.tensor([[0.1], [-0.4]], dtype=torch.float64)
+    relation = torch.tensor([1, 0])
+    c, e = 2.0, 0.3
+    outputs = [e / (1 + math.exp(-c * x)) - e / 2 for x in (0.1, -0.4)]
+    expected = ((outputs[0] - e / 2) ** 2 + (outputs[1] + e / 2) ** 2) / 2
+    loss = relation_loss(logits, relation, "L2", c, e)
+    assert loss.dtype == torch.float64
+    assert math.isclose(loss.item(), expected, rel_tol=1e-13)
+
+
 def test_ce_loss_hand_computed():
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     relation = torch.tensor([1, 0])
     expected = (-math.log(math.exp(0) / (math.exp(2) + 1)) + math.log(2)) / 2
     assert math.isclose(relation_loss(logits, relation, "CE").item(), expected, rel_tol=1e-6)
-    with pytest.raises(ValueError, match=r"\[B, 2\]"):
+    with pytest.raises(ValueError, match=r"^CE objective expects logits of shape \[B, 2\]; got \(2, 1\)$"):
         relation_loss(torch.zeros(2, 1), relation, "CE")
 
 

@@ -1,10 +1,13 @@
 """Pair drawing semantics, determinism, dtypes and errors; PairDataset on a tiny image tree."""
+import re
+
 import numpy as np
 import pytest
 import torch
 
+import datasets.pairs as pairs_module
 from datasets.image_lists import DataError, list_images
-from datasets.pairs import PairDataset, make_pairs, pass_rng
+from datasets.pairs import PairDataset, _index_dtype, make_pairs, pass_rng
 from datasets.transforms import eval_transform
 
 # Non-contiguous labels with unequal class sizes: 7 -> 5 images, 2 -> 2, 40 -> 3, 0 -> 1.
@@ -107,12 +110,6 @@ def test_determinism_from_seed_and_pass():
     assert not np.array_equal(first[1], other_seed[1])
 
 
-def test_dtypes():
-    anchor, other, relation = make_pairs(LABELS, 2, True, pass_rng(0, 0))
-    assert anchor.dtype == np.int32 and other.dtype == np.int32
-    assert relation.dtype == np.uint8
-
-
 def test_many_classes_counts():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(100), rng.integers(3, 12, size=100)))
@@ -124,29 +121,128 @@ def test_many_classes_counts():
     assert relation.sum() == ratio * 100 * max_size
 
 
-@pytest.mark.parametrize("labels, ratio, match", [
-    (np.array([3, 3, 3]), 1, "no negative pairs"),
-    (LABELS, -1, "neg_to_pos_ratio"),
-    (LABELS, 1.5, "neg_to_pos_ratio"),
-    (np.array([], dtype=np.int64), 1, "empty"),
-    (np.array([0, -1, 2]), 1, "non-negative"),
-    (np.array([0.0, 1.0]), 1, "integers"),
-    (np.array([[0, 1], [1, 0]]), 1, "1-D"),
+def _raises_exactly(message):
+    """pytest.raises(ValueError) whose message must be exactly `message`."""
+    return pytest.raises(ValueError, match="^" + re.escape(message) + "$")
+
+
+@pytest.mark.parametrize("labels, ratio, message", [
+    (np.array([3, 3, 3]), 1,
+     "labels hold 1 class ([3]): no negative pairs exist, at least two classes are needed"),
+    (LABELS, -1, "neg_to_pos_ratio must be >= 0, got -1"),
+    (LABELS, 1.5, "neg_to_pos_ratio must be an integer, got 1.5"),
+    (LABELS, True, "neg_to_pos_ratio must be an integer, got True"),
+    (np.array([], dtype=np.int64), 1, "labels is empty: no pairs can be drawn"),
+    (np.array([0, -1, 2]), 1, "labels must be non-negative, got -1"),
+    (np.array([0.0, 1.0]), 1, "labels must be integers, got dtype float64"),
+    (np.array([[0, 1], [1, 0]]), 1, "labels must be a 1-D array, got shape (2, 2)"),
 ])
-def test_make_pairs_errors(labels, ratio, match):
-    with pytest.raises(ValueError, match=match):
+def test_make_pairs_errors(labels, ratio, message):
+    with _raises_exactly(message):
         make_pairs(labels, ratio, False, pass_rng(0, 0))
 
 
 def test_make_pairs_rejects_legacy_random_state():
-    with pytest.raises(ValueError, match="Generator"):
+    with _raises_exactly("rng must be a numpy.random.Generator, got RandomState"):
         make_pairs(LABELS, 1, False, np.random.RandomState(0))
 
 
-@pytest.mark.parametrize("seed, pass_index", [(-1, 0), (0, -2), (0.5, 0)])
-def test_pass_rng_errors(seed, pass_index):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("seed, pass_index, message", [
+    (-1, 0, "seed must be a non-negative integer, got -1"),
+    (0, -2, "pass_index must be a non-negative integer, got -2"),
+    (0.5, 0, "seed must be a non-negative integer, got 0.5"),
+    (True, 0, "seed must be a non-negative integer, got True"),
+    (3, 1.0, "pass_index must be a non-negative integer, got 1.0"),
+])
+def test_pass_rng_errors(seed, pass_index, message):
+    with _raises_exactly(message):
         pass_rng(seed, pass_index)
+
+
+def test_pass_rng_is_the_seed_sequence_of_seed_and_pass():
+    expected = np.random.default_rng(np.random.SeedSequence([5, 3])).integers(0, 2 ** 62, size=4)
+    assert np.array_equal(pass_rng(5, 3).integers(0, 2 ** 62, size=4), expected)
+    assert np.array_equal(pass_rng(np.int64(5), np.uint8(3)).integers(0, 2 ** 62, size=4), expected)
+
+
+def test_index_dtype_switches_at_two_to_the_31():
+    assert _index_dtype(1000) is np.int32
+    assert _index_dtype(2 ** 31 - 1) is np.int32
+    assert _index_dtype(2 ** 31) is np.int64
+
+
+@pytest.mark.parametrize("balancing", [False, True])
+def test_dtypes_with_and_without_balancing(balancing):
+    anchor, other, relation = make_pairs(LABELS, 2, balancing, pass_rng(0, 0))
+    assert (anchor.dtype, other.dtype, relation.dtype) == (np.int32, np.int32, np.uint8)
+
+
+class ExtremeGenerator(np.random.Generator):
+    """A Generator whose `integers` always returns its lowest (or highest) value, and logs each call."""
+
+    def __init__(self, highest: bool):
+        super().__init__(np.random.PCG64(0))
+        self.highest = highest
+        self.sizes = []
+
+    def integers(self, low, high=None, size=None):
+        if high is None:
+            low, high = 0, low
+        value = np.asarray(high) - 1 if self.highest else np.asarray(low)
+        shape = np.shape(high) if size is None else size
+        self.sizes.append(int(np.prod(shape)))
+        return np.broadcast_to(value, shape).astype(np.int64)
+
+
+# 3 classes: label 9 at 0, 3, 6, 8; label 4 at 1, 4; label 5 at 2, 5, 7 (+ 30 more of label 5 at 9..38,
+# so that the within-class order cannot come from a small-array insertion sort).
+ORDER_LABELS = np.array([9, 4, 5, 9, 4, 5, 9, 5, 9] + [5] * 30)
+
+
+def test_lowest_draws_pick_first_images_and_the_first_other_class():
+    ratio = 2
+    anchor, other, _ = make_pairs(ORDER_LABELS, ratio, False, ExtremeGenerator(highest=False))
+    anchor, other = anchor.reshape(-1, 1 + ratio), other.reshape(-1, 1 + ratio)
+    first_image = {4: 1, 5: 2, 9: 0}  # lowest index of each label
+    # Positive partner: the first image of the anchor's class (classes ordered 4 < 5 < 9).
+    assert other[:, 0].tolist() == [first_image[label] for label in ORDER_LABELS]
+    # Negative class 0 (label 4), skipped over to class 1 (label 5) for anchors of label 4.
+    expected_negative = [first_image[5] if label == 4 else first_image[4] for label in ORDER_LABELS]
+    assert (other[:, 1:] == np.array(expected_negative)[:, None]).all()
+
+
+def test_highest_draws_pick_last_images_and_the_last_other_class():
+    ratio = 1
+    rng = ExtremeGenerator(highest=True)
+    anchor, other, _ = make_pairs(ORDER_LABELS, ratio, True, rng)
+    anchor, other = anchor.reshape(-1, 1 + ratio), other.reshape(-1, 1 + ratio)
+    last_image = {4: 4, 5: 38, 9: 8}  # highest index of each label
+    labels = ORDER_LABELS[anchor[:, 0]]
+    # Extra anchors (balancing to 33 per class) are each class's last image.
+    assert anchor[len(ORDER_LABELS):, 0].tolist() == [4] * 31 + [8] * 29
+    assert other[:, 0].tolist() == [last_image[label] for label in labels]
+    # Negative draw n_classes - 2 = class 1 (label 5), moved to class 2 (label 9) unless above the anchor's.
+    assert other[:, 1].tolist() == [last_image[9] if label in (4, 5) else last_image[5] for label in labels]
+    # One draw for the extra anchors, then one block: negative classes, then partners.
+    assert rng.sizes == [60, 2 * 99, 2 * 99]
+
+
+def test_pairs_are_drawn_in_blocks(monkeypatch):
+    """Pairs are drawn _BLOCK_PAIRS at a time (bounded temporaries); every block is complete."""
+    monkeypatch.setattr(pairs_module, "_BLOCK_PAIRS", 7)
+    rng = ExtremeGenerator(highest=False)
+    anchor, other, relation = make_pairs(LABELS, 2, False, rng)
+    n_pairs = 3 * len(LABELS)  # 33: blocks of 7, 7, 7, 7, 5
+    assert rng.sizes == [7, 7] * 4 + [5, 5]
+    expected = make_pairs(LABELS, 2, False, ExtremeGenerator(highest=False))
+    monkeypatch.undo()
+    for got, want in zip((anchor, other, relation), expected):
+        assert len(got) == n_pairs and np.array_equal(got, want)
+    # With a real generator, several blocks still give valid pairs of every kind.
+    monkeypatch.setattr(pairs_module, "_BLOCK_PAIRS", 5)
+    anchor, other, relation = make_pairs(LABELS, 3, True, pass_rng(9, 0))
+    assert np.array_equal(relation, (LABELS[anchor] != LABELS[other]).astype(np.uint8))
+    assert (relation.reshape(-1, 4)[:, 0] == 0).all() and (relation.reshape(-1, 4)[:, 1:] == 1).all()
 
 
 @pytest.fixture
@@ -178,13 +274,25 @@ def test_pair_dataset_missing_image_names_path(tiny_samples, tmp_path):
         dataset[0]
 
 
-@pytest.mark.parametrize("anchor, other, relation, match", [
-    ([0, 1], [0], [0], "equal lengths"),
-    ([0], [9], [0], "other_idx"),
-    ([-1], [0], [0], "anchor_idx"),
-    ([0], [0], [2], "relation"),
+@pytest.mark.parametrize("anchor, other, relation, message", [
+    ([0, 1], [0], [0], ("pair arrays must be 1-D with equal lengths, got shapes "
+                        "{'anchor_idx': (2,), 'other_idx': (1,), 'relation': (1,)}")),
+    ([[0]], [[0]], [[0]], ("pair arrays must be 1-D with equal lengths, got shapes "
+                           "{'anchor_idx': (1, 1), 'other_idx': (1, 1), 'relation': (1, 1)}")),
+    ([0], [9], [0], "other_idx holds indices in [9, 9] but there are 5 samples"),
+    ([0], [5], [0], "other_idx holds indices in [5, 5] but there are 5 samples"),  # one past the end
+    ([5, 0], [0, 0], [0, 0], "anchor_idx holds indices in [0, 5] but there are 5 samples"),
+    ([-1], [0], [0], "anchor_idx holds indices in [-1, -1] but there are 5 samples"),
+    ([0], [0], [2], "relation must hold only 0 (same class) and 1 (different class)"),
 ])
-def test_pair_dataset_validation(tiny_samples, anchor, other, relation, match):
-    with pytest.raises(ValueError, match=match):
+def test_pair_dataset_validation(tiny_samples, anchor, other, relation, message):
+    with _raises_exactly(message):
         PairDataset(tiny_samples, np.array(anchor), np.array(other), np.array(relation),
                     eval_transform(8))
+
+
+def test_pair_dataset_accepts_the_last_index_and_needs_a_callable_transform(tiny_samples):
+    dataset = PairDataset(tiny_samples, np.array([4]), np.array([4]), np.array([0]), eval_transform(8))
+    assert dataset[0][2:] == (5, 0)
+    with _raises_exactly("transform must be callable, got None"):
+        PairDataset(tiny_samples, np.array([0]), np.array([0]), np.array([0]), None)

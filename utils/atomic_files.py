@@ -108,7 +108,7 @@ def remove_stale_temps(folder: str) -> TempSweep:
 def _remove_entry(path: str) -> None:
     """Remove a file, link or folder tree; it may already be gone."""
     if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=False)
+        shutil.rmtree(path)  # errors are raised: a sweep never reports a folder it could not remove
     else:
         _remove_if_present(path)
 
@@ -181,5 +181,5 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write a whole text file atomically."""
-    with atomic_open(path, "w") as out:
+    with atomic_open(path) as out:
         out.write(text)
