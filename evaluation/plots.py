@@ -26,6 +26,11 @@ SCORES_SUFFIX = "_scores.csv"
 _CSV_COLUMNS = ("path", "label", "known", "normality", "pred")
 _HISTOGRAM_BINS = 30
 _PANELS_PER_ROW = 3
+# Okabe & Ito's colour-blind-safe palette (black left out: the chance line is grey, text is black).
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442")
+# With more curves than colours the line style changes, so no two curves look alike.
+LINE_STYLES = ("-", "--", ":", "-.")
+KNOWN_COLOUR, UNKNOWN_COLOUR = PALETTE[0], PALETTE[3]
 
 
 @dataclass
@@ -42,9 +47,16 @@ class PlotRecord:
 
 
 def _title(result: Any) -> str:
-    """`dataset/target`, plus the scorer when it is not the default one."""
-    name = f"{result.dataset}/{result.target}"
-    return name if result.scorer == "resend" else f"{name} ({result.scorer})"
+    """`dataset/target scorer`: every curve and panel names what it shows."""
+    return f"{result.dataset}/{result.target} {result.scorer}"
+
+
+def curve_style(index: int) -> tuple[str, str]:
+    """(colour, line style) of the index-th curve: distinct for up to len(PALETTE) * len(LINE_STYLES) curves."""
+    if index >= len(PALETTE) * len(LINE_STYLES):
+        raise ValueError(f"at most {len(PALETTE) * len(LINE_STYLES)} curves can be told apart in one figure; "
+                         f"got a {index + 1}th")
+    return PALETTE[index % len(PALETTE)], LINE_STYLES[index // len(PALETTE)]
 
 
 def _known_mask(result: Any) -> np.ndarray:
@@ -79,12 +91,13 @@ def plot_roc(results: Sequence[Any], path: str) -> str:
     _require_results(results)
     figure = Figure(figsize=(6, 5.5))
     axes = figure.add_subplot(1, 1, 1)
-    for result in results:
+    for index, result in enumerate(results):
         is_known = _known_mask(result)
         if result.metrics.get("auroc") is None:
             raise ValueError(f"{_title(result)}: metrics has no 'auroc'")
         fpr, tpr, _ = roc_curve(is_known, result.normality)
-        axes.plot(fpr, tpr, linewidth=1.6,
+        colour, style = curve_style(index)
+        axes.plot(fpr, tpr, linewidth=1.6, color=colour, linestyle=style,
                   label=f"{_title(result)}  AUROC {100 * result.metrics['auroc']:.2f}")
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     axes.set_xlim(0, 1)
@@ -110,9 +123,9 @@ def plot_score_histograms(results: Sequence[Any], path: str) -> str:
         # Shared bins so the two histograms are comparable bar for bar.
         bins = np.histogram_bin_edges(normality, bins=_HISTOGRAM_BINS)
         axes = figure.add_subplot(n_rows, n_cols, index + 1)
-        axes.hist(normality[is_known], bins=bins, density=True, alpha=0.6, color="tab:blue",
+        axes.hist(normality[is_known], bins=bins, density=True, alpha=0.6, color=KNOWN_COLOUR,
                   label=f"known ({int(is_known.sum())})")
-        axes.hist(normality[~is_known], bins=bins, density=True, alpha=0.6, color="tab:red",
+        axes.hist(normality[~is_known], bins=bins, density=True, alpha=0.6, color=UNKNOWN_COLOUR,
                   label=f"unknown ({int((~is_known).sum())})")
         auroc = result.metrics.get("auroc")
         suffix = "" if auroc is None else f"  AUROC {100 * auroc:.2f}"

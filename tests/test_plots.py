@@ -131,9 +131,9 @@ def test_roc_curves_are_the_results_roc_known_positive(tmp_path, drawn):
     chance = lines[-1]
     assert list(chance.get_xdata()) == [0, 1] and list(chance.get_ydata()) == [0, 1]
     assert chance.get_linestyle() == "--"
-    # The legend names each curve (dataset/target, the scorer unless it is the default resend) and its AUROC.
-    assert labels == [f"Digits/seen  AUROC {100 * aurocs[0]:.2f}", f"Digits/novel (knn)  AUROC {100 * aurocs[1]:.2f}",
-                      f"Digits/novel  AUROC {100 * aurocs[2]:.2f}", "chance"]
+    # The legend names each curve (dataset/target and scorer) and its AUROC.
+    assert labels == [f"Digits/seen resend  AUROC {100 * aurocs[0]:.2f}", f"Digits/novel knn  AUROC {100 * aurocs[1]:.2f}",
+                      f"Digits/novel resend  AUROC {100 * aurocs[2]:.2f}", "chance"]
     assert [line.get_label() for line in lines] == labels
     assert axes.get_xlabel() == "false positive rate (unknown accepted as known)"
     assert axes.get_ylabel() == "true positive rate (known accepted)"
@@ -145,7 +145,7 @@ def test_roc_legend_takes_the_auroc_from_the_metrics(tmp_path, drawn):
     result = _scored("seen", "prototype_cosine", 1.0, 3)
     result.metrics = {"auroc": 0.12345}
     plot_roc([result], str(tmp_path / "roc.png"))
-    assert _plotted_curves(drawn[0])[2] == ["Digits/seen (prototype_cosine)  AUROC 12.35", "chance"]
+    assert _plotted_curves(drawn[0])[2] == ["Digits/seen prototype_cosine  AUROC 12.35", "chance"]
 
 
 def _bars(container):
@@ -177,7 +177,7 @@ def test_histograms_are_the_known_and_unknown_densities(tmp_path, drawn):
             assert np.allclose(heights, np.array(counts) / (mask.sum() * width))
         labels = [text.get_text() for text in axes.get_legend().get_texts()]
         assert labels == [f"known ({is_known.sum()})", f"unknown ({(~is_known).sum()})"]
-        name = f"Digits/{result.target}" + ("" if result.scorer == "resend" else f" ({result.scorer})")
+        name = f"Digits/{result.target} {result.scorer}"
         assert axes.get_title() == f"{name}  AUROC {100 * result.metrics['auroc']:.2f}"
         assert (axes.get_xlabel(), axes.get_ylabel()) == ("normality", "density")
 
@@ -186,31 +186,31 @@ def test_histogram_title_without_auroc(tmp_path, drawn):
     result = _scored("seen", "resend", 1.0, 5)
     result.metrics = {}
     plot_score_histograms([result], str(tmp_path / "hist.png"))
-    assert drawn[0].axes[0].get_title() == "Digits/seen"
+    assert drawn[0].axes[0].get_title() == "Digits/seen resend"
     assert _png_size(tmp_path / "hist.png") == (504, 408)
 
 
 def test_plots_refuse_bad_results(tmp_path):
     one_sided = _result("seen", 1.0, 0)
     one_sided.labels = np.zeros_like(one_sided.labels)
-    with pytest.raises(ValueError, match=r"^Digits/seen: needs both known and unknown samples, got 50 known of 50$"):
+    with pytest.raises(ValueError, match=r"^Digits/seen resend: needs both known and unknown samples, got 50 known of 50$"):
         plot_roc([one_sided], str(tmp_path / "roc.png"))
     one_sided.labels = np.full_like(one_sided.labels, 3)
     one_sided.scorer = "knn"
-    with pytest.raises(ValueError, match=r"^Digits/seen \(knn\): needs both known and unknown samples, got 0 known of 50$"):
+    with pytest.raises(ValueError, match=r"^Digits/seen knn: needs both known and unknown samples, got 0 known of 50$"):
         plot_score_histograms([one_sided], str(tmp_path / "hist.png"))
     short = _result("seen", 1.0, 0)
     short.labels = short.labels[:-1]
-    with pytest.raises(ValueError, match=r"^Digits/seen: normality \(50,\) and labels \(49,\) must be 1-d arrays "
+    with pytest.raises(ValueError, match=r"^Digits/seen resend: normality \(50,\) and labels \(49,\) must be 1-d arrays "
                                          r"of the same length$"):
         plot_roc([short], str(tmp_path / "roc.png"))
     flat = _result("seen", 1.0, 0)
     flat.normality, flat.labels = flat.normality.reshape(5, 10), flat.labels.reshape(5, 10)
-    with pytest.raises(ValueError, match=r"^Digits/seen: normality \(5, 10\) and labels \(5, 10\) must be 1-d"):
+    with pytest.raises(ValueError, match=r"^Digits/seen resend: normality \(5, 10\) and labels \(5, 10\) must be 1-d"):
         plot_score_histograms([flat], str(tmp_path / "hist.png"))
     no_auroc = _result("novel", 1.0, 0)
     no_auroc.metrics = {}
-    with pytest.raises(ValueError, match="^Digits/novel: metrics has no 'auroc'$"):
+    with pytest.raises(ValueError, match="^Digits/novel resend: metrics has no 'auroc'$"):
         plot_roc([no_auroc], str(tmp_path / "roc.png"))
     with pytest.raises(ValueError, match="^no results to plot$"):
         plot_score_histograms([], str(tmp_path / "hist.png"))
@@ -345,9 +345,9 @@ def test_plots_from_eval_dir_draws_each_dataset_from_its_files(tmp_path, drawn):
     (line, _chance) = roc_digits.axes[0].get_lines()
     # Digits/seen: known 0.9, 0.3; unknown 0.1, 0.5 -> operating points (0, .5), (.5, .5), (.5, 1), (1, 1).
     assert np.allclose(line.get_xdata(), [0, 0, 0.5, 0.5, 1]) and np.allclose(line.get_ydata(), [0, 0.5, 0.5, 1, 1])
-    assert line.get_label() == "Digits/seen  AUROC 75.00"
-    assert roc_pacs.axes[0].get_lines()[0].get_label() == "PACS/novel  AUROC 50.00"
-    assert hist_digits.axes[0].get_title() == "Digits/seen  AUROC 75.00"
+    assert line.get_label() == "Digits/seen resend  AUROC 75.00"
+    assert roc_pacs.axes[0].get_lines()[0].get_label() == "PACS/novel resend  AUROC 50.00"
+    assert hist_digits.axes[0].get_title() == "Digits/seen resend  AUROC 75.00"
 
 
 def test_savefig_writes_png_whatever_the_rc_format(tmp_path):
@@ -378,7 +378,22 @@ def test_figure_style(tmp_path, drawn):
     for panel in hist.axes:
         known_bars, unknown_bars = panel.containers
         assert {bar.get_alpha() for bar in (*known_bars, *unknown_bars)} == {0.6}
-        assert known_bars[0].get_facecolor() == pytest.approx(matplotlib.colors.to_rgba("tab:blue", 0.6))
-        assert unknown_bars[0].get_facecolor() == pytest.approx(matplotlib.colors.to_rgba("tab:red", 0.6))
+        assert known_bars[0].get_facecolor() == pytest.approx(matplotlib.colors.to_rgba("#0072B2", 0.6))
+        assert unknown_bars[0].get_facecolor() == pytest.approx(matplotlib.colors.to_rgba("#D55E00", 0.6))
         assert panel.title.get_fontsize() == 9
         assert {text.get_fontsize() for text in panel.get_legend().get_texts()} == {8}
+
+
+def test_every_curve_has_its_own_colour_and_style(tmp_path, drawn):
+    """14 curves (--evaluator all on two targets) with no repeated look, from a colour-blind-safe palette."""
+    results = [_scored(target, f"scorer{i}", 0.2 * i, i) for i in range(7) for target in ("seen", "novel")]
+    plot_roc(results, str(tmp_path / "roc.png"))
+    *curves, _ = drawn[0].axes[0].get_lines()
+    looks = [(matplotlib.colors.to_hex(line.get_color()), line.get_linestyle()) for line in curves]
+    assert len(set(looks)) == len(results) == 14
+    okabe_ito = {"#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9", "#f0e442"}
+    assert {colour for colour, _ in looks} <= okabe_ito
+    assert [line.get_label().split("  AUROC")[0] for line in curves] == [
+        f"Digits/{r.target} {r.scorer}" for r in results]
+    with pytest.raises(ValueError, match="at most 28 curves can be told apart in one figure; got a 29th"):
+        plot_roc([_scored("seen", f"s{i}", 0.5, i) for i in range(29)], str(tmp_path / "many.png"))
