@@ -31,9 +31,7 @@ def write_eval_outputs(result: EvalResult, eval_dir: str, settings_record: Dict[
     `group` (name and settings hash of the result group the files belong to) is recorded in the JSON.
     """
     os.makedirs(eval_dir, exist_ok=True)
-    stem = f"{result.dataset}_{result.target}"
-    if result.scorer != "resend":
-        stem = f"{stem}_{result.scorer}"
+    stem = f"{result.dataset}_{result.target}_{result.scorer}"
     record = {"dataset": result.dataset, "target": result.target, "scorer": result.scorer,
               **result.metrics, "known_classes": result.known_classes, "n_support": result.n_support,
               "extra_metrics": result.extra_metrics,
@@ -56,9 +54,7 @@ def write_eval_outputs(result: EvalResult, eval_dir: str, settings_record: Dict[
 
 def log_to_tensorboard(writer: Any, result: EvalResult, step: int) -> None:
     """Scalars, known/unknown score histograms and a PR curve under `eval/<dataset>_<target>/`."""
-    tag = f"eval/{result.dataset}_{result.target}"
-    if result.scorer != "resend":
-        tag = f"{tag}_{result.scorer}"
+    tag = f"eval/{result.dataset}_{result.target}_{result.scorer}"
     for name in ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc"):
         if result.metrics.get(name) is not None:
             writer.add_scalar(f"{tag}/{name}", result.metrics[name], step)

@@ -39,10 +39,10 @@ def test_demo_writes_run_folder_and_scores_both_targets(demo_run):
     # The final periodic evaluation is one group, named by its iteration and settings hash.
     group = Path(latest_group(str(folder), kind="periodic", iteration=int(SHORT_DEMO_ITERATIONS)).path)
     assert re.fullmatch(rf"Digits_it{SHORT_DEMO_ITERATIONS}_[0-9a-f]{{8}}", group.name)
-    for name in ("manifest.json", "Digits_seen_scores.csv", "Digits_summary.csv", "Digits_novel_knn.json"):
+    for name in ("manifest.json", "Digits_seen_resend_scores.csv", "Digits_summary.csv", "Digits_novel_knn.json"):
         assert (group / name).is_file(), name
-    seen = json.loads((group / "Digits_seen.json").read_text())
-    novel = json.loads((group / "Digits_novel.json").read_text())
+    seen = json.loads((group / "Digits_seen_resend.json").read_text())
+    novel = json.loads((group / "Digits_novel_resend.json").read_text())
     assert seen["n_known"] == 270 and seen["n_unknown"] == 896
     assert novel["n_known"] == 270 and novel["n_unknown"] == 354
     # Thresholds from measured runs of this shortened demo (2 CPU cores), with margin:

@@ -310,23 +310,23 @@ def test_two_process_only_eval_gives_the_single_process_results(data, tmp_path):
     # Same settings, so the same group name in both folders (the hash does not cover the folder).
     (group,) = os.listdir(single / "eval")
     assert os.listdir(double / "eval") == [group] and group.startswith("Folder_it3_")
-    one = json.loads((single / "eval" / group / "Folder_custom.json").read_text())
-    two = json.loads((double / "eval" / group / "Folder_custom.json").read_text())
+    one = json.loads((single / "eval" / group / "Folder_custom_resend.json").read_text())
+    two = json.loads((double / "eval" / group / "Folder_custom_resend.json").read_text())
     assert one["n_known"] + one["n_unknown"] == N_SCORED and one["n_unknown"] == 7
     for key in ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc", "n_known", "n_unknown",
                 "n_support", "extra_metrics"):
         assert two[key] == one[key], key
     where = {"checkpoint": None, "loaded_from": None}
     assert {**two["settings"], **where} == {**one["settings"], **where}
-    rows_one = _read_csv(single / "eval" / group / "Folder_custom_scores.csv")
-    rows_two = _read_csv(double / "eval" / group / "Folder_custom_scores.csv")
+    rows_one = _read_csv(single / "eval" / group / "Folder_custom_resend_scores.csv")
+    rows_two = _read_csv(double / "eval" / group / "Folder_custom_resend_scores.csv")
     assert len(rows_one) == len(rows_two) == N_SCORED
     for a, b in zip(rows_one, rows_two):
         assert (a["path"], a["label"], a["known"], a["pred"]) == (b["path"], b["label"], b["known"], b["pred"])
         assert abs(float(a["normality"]) - float(b["normality"])) <= 1e-6, (a, b)
     # Rank 0 alone wrote: one TensorBoard event file, no stray temp files.
     assert len(os.listdir(double / "tensorboard")) == 1
-    assert sorted(os.listdir(double / "eval" / group)) == ["Folder_custom.json", "Folder_custom_scores.csv",
+    assert sorted(os.listdir(double / "eval" / group)) == ["Folder_custom_resend.json", "Folder_custom_resend_scores.csv",
                                                            "Folder_summary.csv", "Folder_summary.json",
                                                            "manifest.json"]
 
@@ -347,7 +347,7 @@ def test_torch_distributed_launch_with_local_rank_flag_trains_and_evaluates(data
     # The periodic evaluation at the last iteration ran sharded and was written once, by rank 0.
     (group,) = os.listdir(folder / "eval")
     assert group.startswith("Folder_it1_")
-    record = json.loads((folder / "eval" / group / "Folder_custom.json").read_text())
+    record = json.loads((folder / "eval" / group / "Folder_custom_resend.json").read_text())
     assert record["n_known"] + record["n_unknown"] == N_SCORED and record["settings"]["iteration"] == 1
 
 

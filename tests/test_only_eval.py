@@ -79,12 +79,12 @@ def test_only_eval_writes_json_csv_and_tensorboard(pacs_root, random_checkpoint,
     out = capsys.readouterr().out
     assert "ArtPainting" in out and "auroc" in out
     group = only_group(random_checkpoint)
-    record = json.loads((group / "PACS_DG_ArtPainting.json").read_text())
+    record = json.loads((group / "PACS_DG_ArtPainting_resend.json").read_text())
     for key in ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc", "n_known", "n_unknown", "settings"):
         assert key in record
     assert record["n_known"] == 18 and record["n_unknown"] == 3
     assert record["settings"]["iteration"] == 7 and record["settings"]["objective"] == "L2"
-    rows = (group / "PACS_DG_ArtPainting_scores.csv").read_text().strip().splitlines()
+    rows = (group / "PACS_DG_ArtPainting_resend_scores.csv").read_text().strip().splitlines()
     assert rows[0] == "path,label,known,normality,pred" and len(rows) == 1 + 21
     assert any(name.startswith("events") for name in os.listdir(random_checkpoint / "tensorboard"))
 
@@ -99,7 +99,7 @@ def test_only_eval_gives_the_authors_scores(pacs_root, tmp_path, variant, n_outp
     """Batched --only_eval against the authors' algorithm written one image at a time."""
     ckpt = checkpoint_for(pacs_root, tmp_path / "ckpt", n_outputs)
     run(eval_argv(pacs_root, ckpt, "--target", "ArtPainting", *VARIANT_FLAGS[variant]))
-    stem = "PACS_DG_ArtPainting" + ("" if variant == "resend" else f"_{variant}")
+    stem = f"PACS_DG_ArtPainting_{variant}"
     group = only_group(ckpt)
     record = json.loads((group / f"{stem}.json").read_text())
     rows = [line.split(",") for line in (group / f"{stem}_scores.csv").read_text().strip().splitlines()[1:]]
@@ -141,7 +141,7 @@ def test_only_eval_gives_the_authors_scores(pacs_root, tmp_path, variant, n_outp
 def test_scores_are_not_the_squashed_output(pacs_root, random_checkpoint):
     """On this fixture the squashed e*sigmoid(c*x) - e/2 scoring gives another AUROC than the authors'."""
     run(eval_argv(pacs_root, random_checkpoint, "--target", "ArtPainting"))
-    record = json.loads((only_group(random_checkpoint) / "PACS_DG_ArtPainting.json").read_text())
+    record = json.loads((only_group(random_checkpoint) / "PACS_DG_ArtPainting_resend.json").read_text())
     model = load_model_folder(str(random_checkpoint))
     split = get_eval_split("PACS_DG", "ArtPainting", str(pacs_root))
     support = reference_features(model.backbone, [path for path, _ in split.support], 32)
@@ -181,7 +181,7 @@ def test_variant_files_and_few_shot(pacs_root, random_checkpoint):
     knn = new_group([msp.name])
     assert json.loads((knn / "PACS_DG_Photo_resend_knn.json").read_text())["settings"]["NNK"] == 2
     run(eval_argv(pacs_root, random_checkpoint, "--target", "Photo", "--few_shot", "1", "--seed", "3"))
-    record = json.loads((new_group([msp.name, knn.name]) / "PACS_DG_Photo.json").read_text())
+    record = json.loads((new_group([msp.name, knn.name]) / "PACS_DG_Photo_resend.json").read_text())
     assert record["n_support"] == 6 and record["settings"]["few_shot"] == 1
 
 
@@ -249,7 +249,7 @@ def run_folder(random_checkpoint):
     return random_checkpoint
 
 
-def scores_of(group, stem="PACS_DG_ArtPainting"):
+def scores_of(group, stem="PACS_DG_ArtPainting_resend"):
     """(per-target JSON, normality column of the scores CSV) of one result in a group."""
     record = json.loads((group / f"{stem}.json").read_text())
     with open(group / f"{stem}_scores.csv", newline="", encoding="utf-8") as handle:
@@ -326,7 +326,7 @@ def test_trained_run_folder_reproduces_its_periodic_evaluation(image_tree, tmp_p
     manifest = json.loads((periodic / "manifest.json").read_text())
     assert manifest["kind"] == "periodic" and manifest["iteration"] == 2
     assert (manifest["settings"]["image_size"], manifest["settings"]["n_heads"]) == (32, 6)
-    trained, trained_normality = scores_of(periodic, "Folder_custom")
+    trained, trained_normality = scores_of(periodic, "Folder_custom_resend")
     capsys.readouterr()
 
     run(["--only_eval", "--checkpoint_folder_path", str(folder), *data])
@@ -334,7 +334,7 @@ def test_trained_run_folder_reproduces_its_periodic_evaluation(image_tree, tmp_p
     assert f"settings of the run from {folder}/args.json: image_size 32, transf_n_heads 6" in out
     assert "loaded iteration 2 from" in out
     evaluated = new_group(folder, [periodic.name])
-    again, again_normality = scores_of(evaluated, "Folder_custom")
+    again, again_normality = scores_of(evaluated, "Folder_custom_resend")
     assert np.ptp(trained_normality) > 0
     np.testing.assert_allclose(again_normality, trained_normality, rtol=1e-5, atol=0)
     assert again["auroc"] == trained["auroc"] and again["fpr95"] == trained["fpr95"]
@@ -342,7 +342,7 @@ def test_trained_run_folder_reproduces_its_periodic_evaluation(image_tree, tmp_p
     # The head count is not in the checkpoint's tensors: the default 12 would score another model.
     run(["--only_eval", "--checkpoint_folder_path", str(folder), "--transf_n_heads", "12", *data])
     assert f"--transf_n_heads 12 overrides the run's 6 ({folder}/args.json)" in capsys.readouterr().out
-    _, other_normality = scores_of(new_group(folder, [periodic.name, evaluated.name]), "Folder_custom")
+    _, other_normality = scores_of(new_group(folder, [periodic.name, evaluated.name]), "Folder_custom_resend")
     assert np.abs(other_normality - trained_normality).max() > 1e-3 * np.abs(trained_normality).max()
 
 
@@ -389,7 +389,7 @@ def test_other_settings_keep_earlier_groups_and_a_rerun_refreshes_its_own(pacs_r
     second = new_group(random_checkpoint, [first.name])
     assert group_bytes(first) == first_bytes
     # The seeds pick other support images, so the two groups hold other numbers.
-    assert not np.array_equal(scores_of(first, "PACS_DG_Photo")[1], scores_of(second, "PACS_DG_Photo")[1])
+    assert not np.array_equal(scores_of(first, "PACS_DG_Photo_resend")[1], scores_of(second, "PACS_DG_Photo_resend")[1])
     second_bytes = group_bytes(second)
 
     run(eval_argv(pacs_root, random_checkpoint, *few_shot, "--seed", "0"))
@@ -399,7 +399,7 @@ def test_other_settings_keep_earlier_groups_and_a_rerun_refreshes_its_own(pacs_r
     refreshed = group_bytes(first)
     before, after = (json.loads(files["manifest.json"]) for files in (first_bytes, refreshed))
     assert after["written_unix"] > before["written_unix"] and after["hash"] == before["hash"]
-    assert refreshed["PACS_DG_Photo_scores.csv"] == first_bytes["PACS_DG_Photo_scores.csv"]
+    assert refreshed["PACS_DG_Photo_resend_scores.csv"] == first_bytes["PACS_DG_Photo_resend_scores.csv"]
 
 
 def test_tag_names_the_group_and_never_replaces_other_results(pacs_root, random_checkpoint):
@@ -428,7 +428,7 @@ def test_summary_and_manifest_agree_with_the_per_target_files(pacs_root, random_
     aurocs = []
     for row in summary["auroc"]:
         for target in manifest["targets"]:
-            stem = f"PACS_DG_{target}" + ("" if row["method"] == "resend" else f"_{row['method']}")
+            stem = f"PACS_DG_{target}_{row['method']}"
             record = json.loads((group / f"{stem}.json").read_text())
             assert record["auroc"] == row[target] and record["settings"] == manifest["settings"]
             aurocs.append(row[target])
@@ -476,7 +476,7 @@ def test_failing_extra_warns_after_the_table_and_keeps_the_results(pacs_root, ra
     warning = out.index(f"warning: TensorBoard entries not written to {random_checkpoint}/tensorboard: Not a directory")
     written = out.index(f"results written to {only_group(random_checkpoint)}")
     assert table < warning < written
-    assert (only_group(random_checkpoint) / "PACS_DG_Photo.json").is_file()
+    assert (only_group(random_checkpoint) / "PACS_DG_Photo_resend.json").is_file()
 
 
 def test_api_from_folder_reads_args_json_like_only_eval(pacs_root, run_folder, capsys):
