@@ -63,6 +63,9 @@ def test_run_writes_authors_files_state_logs_and_tensorboard(train_root, tmp_pat
     # Each log line reports the job's throughput and the time left.
     line = next(line for line in log.splitlines() if "it 3/4" in line)
     assert re.search(r" \d+ pairs/s  eta \d\d:\d\d:\d\d$", line), line
+    # The last line says where the run is and how much disk it took.
+    assert re.search(r"done in [\d.]+ s; run folder .*Folder_resnet18_rel_transformer \([\d.]+ MB\)$",
+                     log.strip().splitlines()[-1])
     assert json.loads((folder / "args.json").read_text())["iterations"] == 4
     model = load_model_folder(str(folder))
     assert model.objective == "L2" and model.iteration == 4

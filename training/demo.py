@@ -13,6 +13,7 @@ from datasets.digits import digits_root, prepare_digits
 from evaluation.report import format_table
 from evaluation.groups import latest_group
 from evaluation.plots import plot_roc, plot_score_histograms, read_eval_dir
+from training.run_folder import folder_size
 from utils.distributed import barrier, is_main_process
 
 # Each value is applied unless the same flag was given on the command line.
@@ -70,19 +71,6 @@ def apply_demo_settings(args: argparse.Namespace, explicit: Iterable[str]) -> ar
     if "eval_period" not in explicit:
         args.eval_period = args.iterations  # evaluate once, at the end
     return args
-
-
-def folder_size(folder: str) -> str:
-    """The size of the files under `folder` (links not followed), e.g. '459 MB'."""
-    size = float(sum(os.lstat(os.path.join(parent, name)).st_size
-                     for parent, _, names in os.walk(folder) for name in names))
-    if size < 1000:
-        return f"{size:.0f} B"
-    for unit in ("kB", "MB"):
-        size /= 1000
-        if size < 1000:
-            return f"{size:.1f} {unit}"
-    return f"{size / 1000:.1f} GB"
 
 
 def run_demo(args: argparse.Namespace) -> str:

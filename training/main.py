@@ -25,7 +25,7 @@ from models.resend import ReSeND
 from training.engine import Engine, Hooks, Progress
 from training.pair_stream import PairStream
 from training.run_folder import (
-    RunFolder, describe_resume, prepare_run_folder, remove_created_run_folder, save_args,
+    RunFolder, describe_resume, folder_size, prepare_run_folder, remove_created_run_folder, save_args,
 )
 from training.settings import (
     Augmentation, DataSettings, ModelSettings, Objective, PeriodicEvalSettings, ProcessSettings, TrainingSettings,
@@ -275,5 +275,5 @@ def _train_in_run_folder(settings: TrainingSettings, run: RunFolder, samples: Li
     started = time.perf_counter()
     engine.train()
     tb_writer.close()
-    log.info("done in %.1f s; run folder %s", time.perf_counter() - started, run.path)
+    log.info("done in %.1f s; run folder %s (%s)", time.perf_counter() - started, run.path, folder_size(run.path))
     return run.path, evaluation.results

@@ -222,3 +222,15 @@ def describe_resume(run: RunFolder) -> Optional[str]:
         line += f"; changed: {format_differences(run.changed)}"
     return line
 
+
+def folder_size(folder: str) -> str:
+    """The size of the files under `folder` (links not followed), e.g. '459 MB'."""
+    size = float(sum(os.lstat(os.path.join(parent, name)).st_size
+                     for parent, _, names in os.walk(folder) for name in names))
+    if size < 1000:
+        return f"{size:.0f} B"
+    for unit in ("kB", "MB"):
+        size /= 1000
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} GB"
