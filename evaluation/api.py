@@ -18,6 +18,7 @@ from datasets.transforms import eval_transform
 from evaluation.evaluate import default_pair_chunk, relational_pair_logits
 from evaluation.run_settings import loaded_from, loaded_line, model_facts, resolve_run_settings
 from evaluation.scorers import FeatureBatch, ScoreResult, Scorer, ScoringInputs, build_scorer
+from evaluation.scorers.maps import PrototypeMapScorer
 from models.backbone import fold_batchnorm
 from models.checkpoint import LoadedModel, load_model_folder
 from utils.precision import autocast
@@ -75,18 +76,30 @@ class NoveltyDetector:
         return detector
 
     @torch.inference_mode()
-    def features(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """Backbone features [N, D] of image paths or PIL images."""
-        feats = []
+    def _backbone_pass(self, images: Sequence[ImageLike], with_maps: bool) -> tuple:
+        """(features [N, D], last feature maps [N, D, h, w] float32 or None) of image paths or PIL images."""
+        feats, maps = [], []
         for start in range(0, len(images), self.batch_size):
             batch = [self.transform(load_image(x) if isinstance(x, str) else x.convert("RGB"))
                      for x in images[start:start + self.batch_size]]
             pixels = torch.stack(batch).to(self.device).contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
-                feats.append(self._backbone(pixels).float())
+                out = self._backbone(pixels, return_feature_map=with_maps)
+            if with_maps:
+                out, feature_map = out
+                maps.append(feature_map.float().contiguous())
+            feats.append(out.float())
         if not feats:
             raise ValueError("no images given")
-        return torch.cat(feats)
+        return torch.cat(feats), torch.cat(maps) if with_maps else None
+
+    def features(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Backbone features [N, D] of image paths or PIL images."""
+        return self._backbone_pass(images, with_maps=False)[0]
+
+    def features_and_maps(self, images: Sequence[ImageLike]) -> tuple:
+        """(features [N, D], last feature maps [N, D, h, w] float32) of image paths or PIL images, one pass."""
+        return self._backbone_pass(images, with_maps=True)
 
     def _as_features(self, inputs: Union[torch.Tensor, Sequence[ImageLike]]) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor):
@@ -111,4 +124,34 @@ class NoveltyDetector:
         """Normality (higher = more likely a known class) and predicted known class per query."""
         if not self._fitted:
             raise RuntimeError("call fit() with the support set before score()")
+        if self.scorer.needs_feature_maps and not isinstance(queries, torch.Tensor):
+            # A scorer that maps reads the feature maps of the images (features alone give 1 x 1 maps).
+            feats, maps = self.features_and_maps(queries)
+            return self.scorer.score(FeatureBatch(feats, feature_maps=maps))
         return self.scorer.score(FeatureBatch(self._as_features(queries)))
+
+    def anomaly_maps(self, images: Sequence[ImageLike], support: Optional[Sequence[ImageLike]] = None,
+                     labels: Optional[Sequence[int]] = None) -> ScoreResult:
+        """Novelty map of every image: `result.maps` [N, h, w] (1 - the best cosine of each location of the
+        backbone's last feature map to a class prototype; 7 x 7 at 224 px), `result.normality` the
+        prototype_map image score, `result.pred` the nearest prototype of the pooled feature.
+
+        The prototypes are the class means of `support` (images or features, with `labels`) when given,
+        else those of the support set given to `fit` when the detector's scorer is prototype_map.
+        """
+        if support is not None:
+            if labels is None:
+                raise ValueError("anomaly_maps: support images need their labels")
+            mapper = PrototypeMapScorer()
+            feats = self._as_features(support)
+            label_tensor = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
+            if label_tensor.numel() != feats.shape[0]:
+                raise ValueError(f"{feats.shape[0]} support samples but {label_tensor.numel()} labels")
+            mapper.fit(ScoringInputs(support=FeatureBatch(feats, label_tensor)))
+        elif isinstance(self.scorer, PrototypeMapScorer) and self._fitted:
+            mapper = self.scorer
+        else:
+            raise ValueError("anomaly_maps needs class prototypes: pass support= and labels=, or build the detector "
+                             "with scorer='prototype_map' and call fit() first")
+        feats, maps = self.features_and_maps(images)
+        return mapper.score(FeatureBatch(feats, feature_maps=maps))

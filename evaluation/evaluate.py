@@ -15,7 +15,7 @@ from datasets.image_lists import check_files_exist
 from datasets.transforms import eval_transform
 from evaluation.features import ImageFeatures, extract_image_features
 from evaluation.jigsaw import JigsawTransform
-from evaluation.metrics import compute_metrics
+from evaluation.metrics import compute_metrics, fpr_at_95_tpr_interpolated
 from evaluation.scorers import FeatureBatch, ScoreResult, ScoringInputs, build_scorer
 from evaluation.scorers.base import check_positive_int
 from models.backbone import ResNetBackbone, fold_batchnorm
@@ -68,6 +68,7 @@ class EvalResult:
     known_classes: int
     n_support: int
     seconds: Dict[str, float] = field(default_factory=dict)
+    maps: Optional[np.ndarray] = None  # [M, h, w] novelty maps of the scored images (scorers that map)
 
 
 def relational_pair_logits(relational: torch.nn.Module, device: torch.device,
@@ -160,6 +161,7 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
         raise ValueError(f"{', '.join(needs_relational)} need(s) the relational module; "
                          "--backbone_only evaluates the post-hoc baselines only")
     needs_norms = any(scorer.needs_block_norms for scorer in scorers.values())
+    needs_maps = any(scorer.needs_feature_maps for scorer in scorers.values())
     supports = [select_support(split, settings.few_shot, settings.seed) for split in splits]
 
     start = time.perf_counter()
@@ -173,7 +175,8 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
     # Inference never updates BatchNorm, so a folded copy gives the same features faster.
     extracted = extract_image_features(fold_batchnorm(backbone), parts, settings.batch_size, settings.num_workers,
                                        device, settings.amp, return_block_norms=needs_norms,
-                                       desc=f"features of {len(plain) + len(jigsawed)} images")
+                                       desc=f"features of {len(plain) + len(jigsawed)} images",
+                                       return_feature_maps=needs_maps)
     row_of = {path: row for row, path in enumerate(plain)}
     jigsaw_row_of = {path: row for row, path in enumerate(jigsawed)}
     feature_seconds = time.perf_counter() - start
@@ -190,7 +193,8 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
             pair_logits=pair_logits, pair_chunk=settings.pair_chunk or default_pair_chunk(device))
         # Each process scores its shard of the scored images; the results are gathered in list order.
         shard = torch.arange(get_rank(), len(split.scored), get_world_size())
-        scored = _batch(extracted[0], [row_of[split.scored[i][0]] for i in shard.tolist()], None, device)
+        scored = _batch(extracted[0], [row_of[split.scored[i][0]] for i in shard.tolist()], None, device,
+                        with_maps=True)
         labels = np.array([label for _, label in split.scored])
         for name, scorer in scorers.items():
             start = time.perf_counter()
@@ -199,30 +203,42 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
             seconds = {"features": feature_seconds, "scoring": time.perf_counter() - start}
             note(f"{split.dataset}/{split.target} {name}: fit and score {seconds['scoring']:.2f} s")
             if is_main_process():
-                results.append(_result(split, name, result, labels, len(support), seconds))
+                results.append(_result(split, name, result, labels, len(support), seconds,
+                                       interpolated_fpr=settings.scorer_options.get("baseline_protocol") == "oodbench"))
     return results
 
 
-def _batch(features: ImageFeatures, rows: List[int], labels: Optional[List[int]], device: torch.device) -> FeatureBatch:
-    """The FeatureBatch of some rows of extracted features (with labels for a support set)."""
+def _batch(features: ImageFeatures, rows: List[int], labels: Optional[List[int]], device: torch.device,
+           with_maps: bool = False) -> FeatureBatch:
+    """The FeatureBatch of some rows of extracted features (with labels for a support set; with their feature
+    maps, when extracted, for `with_maps`: the scored images)."""
     index = torch.as_tensor(rows, dtype=torch.long, device=features.feats.device)
     return FeatureBatch(features.feats.index_select(0, index),
                         None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device),
-                        None if features.block_norms is None else features.block_norms.index_select(0, index))
+                        None if features.block_norms is None else features.block_norms.index_select(0, index),
+                        None if features.feature_maps is None or not with_maps
+                        else features.feature_maps.index_select(0, index))
 
 
 def _result(split: EvalSplit, name: str, result: ScoreResult, labels: np.ndarray, n_support: int,
-            seconds: Dict[str, float]) -> EvalResult:
-    """Metrics (and the extra columns' metrics) of one scorer's scores on one split."""
+            seconds: Dict[str, float], interpolated_fpr: bool = False) -> EvalResult:
+    """Metrics (and the extra columns' metrics) of one scorer's scores on one split.
+
+    `interpolated_fpr` (--baseline_protocol oodbench) adds `fpr95_interp`: the FPR at TPR 0.95
+    interpolated on the ROC curve, as OODDetectionBench reports it.
+    """
     normality = result.normality.cpu().numpy().astype(np.float64)
     preds = None if result.pred is None else result.pred.cpu().numpy()
     metrics = compute_metrics(normality, labels, preds, split.known_classes)
+    if interpolated_fpr:
+        metrics["fpr95_interp"] = fpr_at_95_tpr_interpolated(normality, labels < split.known_classes)
     extra_metrics = {key: compute_metrics(values.cpu().numpy().astype(np.float64), labels, preds, split.known_classes)
                      for key, values in result.extra.items()}
     return EvalResult(dataset=split.dataset, target=split.target, scorer=name, metrics=metrics,
                       extra_metrics=extra_metrics, normality=normality, preds=preds, labels=labels,
                       paths=[path for path, _ in split.scored], known_classes=split.known_classes,
-                      n_support=n_support, seconds=seconds)
+                      n_support=n_support, seconds=seconds,
+                      maps=None if result.maps is None else result.maps.float().cpu().numpy())
 
 
 def _gather_result(local: ScoreResult, indices: torch.Tensor, total: int) -> ScoreResult:
@@ -232,7 +248,8 @@ def _gather_result(local: ScoreResult, indices: torch.Tensor, total: int) -> Sco
     gather = lambda values: gather_by_index(values, indices, total)  # noqa: E731
     return ScoreResult(normality=gather(local.normality),
                        pred=None if local.pred is None else gather(local.pred),
-                       extra={name: gather(values) for name, values in local.extra.items()})
+                       extra={name: gather(values) for name, values in local.extra.items()},
+                       maps=None if local.maps is None else gather(local.maps))
 
 
 def load_splits(dataset: str, target: Optional[str], data_root: Optional[str], path_to_txt: Optional[str] = None,

@@ -14,21 +14,25 @@ from utils.progress import progress
 
 @dataclass
 class ImageFeatures:
-    """Features [N, D] of an image list, in list order, and optionally its per-block FeatureNorms [N, B]."""
+    """Features [N, D] of an image list, in list order, and optionally its per-block FeatureNorms [N, B]
+    and its last feature maps [N, D, h, w] (float16: half the memory of float32)."""
 
     feats: torch.Tensor
     block_norms: Optional[torch.Tensor] = None
+    feature_maps: Optional[torch.Tensor] = None
 
 
 @torch.inference_mode()
 def extract_image_features(backbone: torch.nn.Module, parts: Sequence[Tuple[Sequence[str], Callable]],
                            batch_size: int, num_workers: int, device: torch.device, amp: str = "none",
-                           return_block_norms: bool = False, desc: str = "features") -> List[ImageFeatures]:
+                           return_block_norms: bool = False, desc: str = "features",
+                           return_feature_maps: bool = False) -> List[ImageFeatures]:
     """Features of every image of every (paths, transform) part, every process getting all of them.
 
     All parts go through one DataLoader, so its worker processes start and stop once however many
     image sets an evaluation needs (support, scored, jigsaw-shuffled support, several targets);
     each process handles its DistributedSampler shard and the shards are gathered in list order.
+    With `return_feature_maps` the last feature map of every image is kept too, stored as float16.
     """
     parts = list(parts)
     datasets = [ImageListDataset([(path, 0) for path in paths], transform) for paths, transform in parts]
@@ -44,13 +48,19 @@ def extract_image_features(backbone: torch.nn.Module, parts: Sequence[Tuple[Sequ
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
     backbone.eval()
-    feats, norms = [], []
+    feats, norms, maps = [], [], []
     for images, _, _ in progress(loader, total=len(loader), desc=desc, unit="batch"):
         # channels_last is markedly faster for convolutions on CPU (oneDNN) and on CUDA, and
         # changes results only by float rounding.
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            out = backbone(images, return_block_norms=return_block_norms)
+            if return_feature_maps:
+                out, *extras, feature_map = backbone(images, return_block_norms=return_block_norms,
+                                                     return_feature_map=True)
+                maps.append(feature_map.to(torch.float16).contiguous())
+                out = (out, *extras) if return_block_norms else out
+            else:
+                out = backbone(images, return_block_norms=return_block_norms)
         if return_block_norms:
             out, block_norm = out
             norms.append(block_norm.float())
@@ -59,10 +69,12 @@ def extract_image_features(backbone: torch.nn.Module, parts: Sequence[Tuple[Sequ
     global_indices = _global_indices(sampler, total, device)
     all_feats = gather_by_index(torch.cat(feats), global_indices, total)
     all_norms = gather_by_index(torch.cat(norms), global_indices, total) if norms else None
+    all_maps = gather_by_index(torch.cat(maps), global_indices, total) if maps else None
     results, start = [], 0
     for part in datasets:
         stop = start + len(part)
-        results.append(ImageFeatures(all_feats[start:stop], None if all_norms is None else all_norms[start:stop]))
+        results.append(ImageFeatures(all_feats[start:stop], None if all_norms is None else all_norms[start:stop],
+                                     None if all_maps is None else all_maps[start:stop]))
         start = stop
     return results
 

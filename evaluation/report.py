@@ -13,6 +13,7 @@ import numpy as np
 
 from evaluation.evaluate import EvalResult
 from evaluation.groups import EVAL_DIR, group_name, settings_hash, write_group
+from evaluation.map_figures import write_map_figures
 from utils.atomic_files import atomic_write_text
 from utils.distributed import is_main_process
 from utils.logger import TensorBoardWriter
@@ -133,7 +134,8 @@ def publish_group(results: List[EvalResult], out_folder: str, record: Dict[str, 
     """Write the results' group under `<out_folder>/eval/` (per-target files, summary, manifest); its path.
 
     `phases` (seconds per phase of the evaluation) go into the manifest, with the seconds the files
-    took to write added as "writing".
+    took to write added as "writing". With `--save_maps N` in the record, the anomaly-map figure of
+    every result that has maps (`maps_<dataset>_<target>.png`) is part of the group.
     """
     dataset = results[0].dataset
     targets = list(dict.fromkeys(result.target for result in results))
@@ -150,6 +152,7 @@ def publish_group(results: List[EvalResult], out_folder: str, record: Dict[str, 
         for result in results:
             paths += write_eval_outputs(result, folder, record, group=identity).values()
         paths += summary_files(results, folder).values()
+        paths += write_map_figures(results, folder, int(record.get("save_maps") or 0))
         manifest["seconds"]["writing"] = round(time.perf_counter() - start, 3)
         return [os.path.basename(path) for path in paths]
 

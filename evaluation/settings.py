@@ -47,7 +47,12 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
             raise ValueError(f"--tag {args.tag} names the result group of --only_eval; periodic evaluations "
                              "during training are named <dataset>_it<iteration>_<hash8>")
         validate_tag(args.tag)
-    return EvalSettings(scorers=scorer_names(args), image_size=args.image_size,
+    scorers = scorer_names(args)
+    if getattr(args, "save_maps", 0) and not any(SCORERS[name].needs_feature_maps for name in scorers):
+        # Only a scorer that maps has maps to draw; saying nothing would leave the user looking for figures.
+        raise ValueError(f"--save_maps {args.save_maps} draws the anomaly maps of prototype_map: add it to "
+                         f"--evaluator (now {', '.join(scorers)})")
+    return EvalSettings(scorers=scorers, image_size=args.image_size,
                         batch_size=args.eval_batch_size, num_workers=args.num_workers, amp=args.amp,
                         few_shot=args.few_shot, seed=args.seed,
                         scorer_options={flag: getattr(args, flag) for flag in scorer_flags()})

@@ -2,9 +2,17 @@
 
     python train.py --demo                       # writes outputs/Digits_resnet18_rel_transformer/
     python media/make_demo_figures.py --run_folder outputs/Digits_resnet18_rel_transformer
+
+The anomaly-map figure (media/demo_maps.png) comes from an evaluation of the same run at 128 px, where
+the backbone's last feature map has 4 x 4 locations (at the demo's 32 px it has one):
+
+    python train.py --only_eval --dataset Digits --target novel --evaluator prototype_map --save_maps 4 \
+        --image_size 128 --tag maps128 --checkpoint_folder_path outputs/Digits_resnet18_rel_transformer
+    python media/make_demo_figures.py --run_folder outputs/Digits_resnet18_rel_transformer --maps_group maps128
 """
 import argparse
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +30,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--scorers", default="resend,prototype_cosine",
                         help="comma-separated methods to draw (the run may hold more)")
+    parser.add_argument("--maps_group", default=None,
+                        help="also copy this result group's maps_Digits_novel.png (written with --save_maps) to "
+                             "demo_maps.png")
     args = parser.parse_args()
     if args.group is not None:
         group = os.path.join(args.run_folder, EVAL_DIR, args.group)
@@ -41,6 +52,11 @@ def main() -> None:
     print(plot_roc(records, os.path.join(args.out, "demo_roc.png")))
     print(plot_score_histograms([r for r in records if r.scorer == wanted[0]],
                                 os.path.join(args.out, "demo_scores.png")))
+    if args.maps_group is not None:
+        source = os.path.join(args.run_folder, EVAL_DIR, args.maps_group, "maps_Digits_novel.png")
+        if not os.path.isfile(source):
+            raise SystemExit(f"error: {source} not found: evaluate with --evaluator prototype_map --save_maps N")
+        print(shutil.copyfile(source, os.path.join(args.out, "demo_maps.png")))
 
 
 if __name__ == "__main__":

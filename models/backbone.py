@@ -62,8 +62,13 @@ class ResNetBackbone(nn.Module):
         """Names of the residual blocks in forward order, e.g. ["layer1.0", "layer1.1", ...]."""
         return [f"{stage}.{i}" for stage in _STAGES for i in range(len(getattr(self, stage)))]
 
-    def forward(self, x: Tensor, return_block_norms: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Features [B, feat_dim]; with return_block_norms also the per-block FeatureNorms [B, n_blocks]."""
+    def forward(self, x: Tensor, return_block_norms: bool = False,
+                return_feature_map: bool = False) -> Tensor | tuple[Tensor, ...]:
+        """Features [B, feat_dim]; with return_block_norms also the per-block FeatureNorms [B, n_blocks];
+        with return_feature_map also the last block's output [B, feat_dim, h, w] (before the pool).
+
+        With both, the tuple is (features, block norms, feature map); with neither, the features alone.
+        """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         norms = []
         for stage in _STAGES:
@@ -72,9 +77,10 @@ class ResNetBackbone(nn.Module):
                 if return_block_norms:
                     norms.append(block_feature_norm(x))
         feats = torch.flatten(self.avgpool(x), 1)
-        if return_block_norms:
-            return feats, torch.stack(norms, dim=1)
-        return feats
+        if not (return_block_norms or return_feature_map):
+            return feats
+        return (feats, *([torch.stack(norms, dim=1)] if return_block_norms else []),
+                *([x] if return_feature_map else []))
 
 
 def fold_batchnorm(backbone: ResNetBackbone) -> ResNetBackbone:

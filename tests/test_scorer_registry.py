@@ -14,16 +14,24 @@ from evaluation.scorers.base import fitted
 from utils.arg_types import positive_float
 
 
-def separable_problem(seed=0, dim=16, n_classes=3, n_support=10, n_scored=12):
+def separable_problem(seed=0, dim=16, n_classes=3, n_support=10, n_scored=12, spread=False):
     """Known classes on distinct axes; the unknowns at their centroid, equally far from every class (so a
-    classifier is unsure there too); block norms that tell known from unknown at one block."""
+    classifier is unsure there too); block norms that tell known from unknown at one block.
+
+    `spread`: post-ReLU features whose class evidence covers a third of the units (what a pooled backbone
+    feature looks like), for the scorers that clip or prune activations (ReAct, ASH), which a class
+    carried by one unit defeats by design."""
     g = torch.Generator().manual_seed(seed)
-    centres = 12.0 * torch.eye(dim)[:n_classes]
+    if spread:
+        centres = 4.0 * (torch.arange(dim)[None, :] % n_classes == torch.arange(n_classes)[:, None]).float()
+    else:
+        centres = 12.0 * torch.eye(dim)[:n_classes]
+    activation = torch.relu if spread else (lambda x: x)
     support_labels = torch.arange(n_classes).repeat_interleave(n_support)
-    support = centres[support_labels] + torch.randn(len(support_labels), dim, generator=g)
+    support = activation(centres[support_labels] + torch.randn(len(support_labels), dim, generator=g))
     known_labels = torch.arange(n_classes).repeat_interleave(n_scored)
-    known = centres[known_labels] + torch.randn(len(known_labels), dim, generator=g)
-    unknown = centres.mean(0) + torch.randn(n_scored, dim, generator=g)
+    known = activation(centres[known_labels] + torch.randn(len(known_labels), dim, generator=g))
+    unknown = activation(centres.mean(0) + torch.randn(n_scored, dim, generator=g))
     scored = torch.cat([known, unknown])
     is_known = np.r_[np.ones(len(known), bool), np.zeros(n_scored, bool)]
     norms = lambda rows, boost: 1.0 + 0.1 * torch.rand(rows, 4, generator=g) + boost  # noqa: E731
@@ -40,7 +48,7 @@ def separable_problem(seed=0, dim=16, n_classes=3, n_support=10, n_scored=12):
 
 @pytest.mark.parametrize("name", list(SCORERS))
 def test_every_registered_scorer_detects_a_separated_unknown_cluster(name):
-    inputs, scored, is_known, known_labels = separable_problem()
+    inputs, scored, is_known, known_labels = separable_problem(spread=SCORERS[name].shapes_activations)
     scorer = build_scorer(name, {"NNK": 3})
     scorer.fit(inputs)
     result = scorer.score(scored)

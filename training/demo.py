@@ -53,9 +53,14 @@ DEMO_SETTINGS: Dict[str, object] = {
     "save_period": 50,
     "eval_dataset": "Digits",
     "eval_target": "all",
-    # ReSeND next to the post-hoc baselines on the same features (resend_knn is left out: it
-    # scores every target against all 631 support images through the relational module).
-    "evaluator": "resend,prototype_cosine,prototype_distance,knn,mahalanobis,featurenorm,linear_probe",
+    # ReSeND next to the post-hoc baselines and the neighbouring methods on the same features
+    # (resend_knn is left out: it scores every target against all 631 support images through the
+    # relational module).
+    "evaluator": "resend,prototype_cosine,prototype_distance,knn,mahalanobis,featurenorm,linear_probe,"
+                 "energy,max_logit,react,ash_b,flow,latent_vae,prototype_map",
+    # The anomaly-map figure of prototype_map: at 32 px the backbone's last feature map is 1 x 1, so
+    # each image gets one cell (README, "Anomaly maps", shows 4 x 4 maps of the same run at 128 px).
+    "save_maps": 4,
     "eval_batch_size": 256,
 }
 
@@ -94,6 +99,7 @@ def run_demo(args: argparse.Namespace) -> str:
             records = read_eval_dir(group)
             drawn = [plot_roc(records, os.path.join(figures, "roc.png")),
                      plot_score_histograms(records, os.path.join(figures, "score_histograms.png"))]
+            drawn += sorted(os.path.join(group, name) for name in os.listdir(group) if name.startswith("maps_"))
         except OSError as error:
             print(f"warning: figures not written to {figures}: {error.strerror or error}", flush=True)
             drawn = []

@@ -7,6 +7,7 @@ file needs nothing else.
 # The order of these imports is the order of SCORERS: the ReSeND scorers first in every table.
 from evaluation.scorers import resend  # noqa: F401  (isort: skip)
 from evaluation.scorers import distance, featurenorm, probe  # noqa: F401  (isort: skip)
+from evaluation.scorers import classifier, density, latent, maps  # noqa: F401  (isort: skip)
 from evaluation.scorers.base import (SCORERS, FeatureBatch, PairLogits, Scorer, ScoreResult, ScoringInputs,
                                      build_scorer, hyperparameter, register_scorer, scorer_flags)
 

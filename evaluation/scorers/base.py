@@ -12,7 +12,8 @@ A scorer is one class (a dataclass whose fields are its hyperparameters) registe
 `fit` receives one `ScoringInputs` bundle: the support features with their labels, and what the
 scorer declares it needs (`needs_pair_logits`: the relational module's raw pair logits;
 `needs_block_norms`: per-block FeatureNorms of the support, jigsaw-shuffled support and scored
-images). `score` receives the scored features. The evaluation engine hands every scorer the same
+images; `needs_feature_maps`: the backbone's last feature map of the scored images). `score`
+receives the scored features. The evaluation engine hands every scorer the same
 bundle; `build_scorer(name, options)` sets each hyperparameter from the command-line flag named in
 its field (`options` maps flag names to values). The command line's `--evaluator` choices, the
 flags of the hyperparameters and the parametrised tests all read `SCORERS`.
@@ -40,6 +41,7 @@ class FeatureBatch:
     feats: Tensor
     labels: Tensor | None = None
     block_norms: Tensor | None = None  # [N, n_blocks] per-block FeatureNorms (ResNetBackbone, return_block_norms)
+    feature_maps: Tensor | None = None  # [N, C, h, w] last feature map before pooling (return_feature_map)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ScoreResult:
     normality: Tensor
     pred: Tensor | None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    maps: Tensor | None = None  # [N, h, w] per-location novelty (higher = more novel), for scorers that map
 
 
 def hyperparameter(default: Any, help: str, flag: str | None = None,
@@ -80,6 +83,10 @@ class Scorer:
     summary: ClassVar[str] = ""  # one line for `--evaluator` help and the README table
     needs_pair_logits: ClassVar[bool] = False
     needs_block_norms: ClassVar[bool] = False
+    needs_feature_maps: ClassVar[bool] = False
+    # Shapes the activations themselves (ReAct's clip, ASH's pruning): meaningful on post-ReLU pooled features
+    # whose class evidence is spread over many units, not on features where one unit carries a class.
+    shapes_activations: ClassVar[bool] = False
 
     def fit(self, inputs: ScoringInputs) -> None:
         """Store whatever the scorer needs from the support set."""

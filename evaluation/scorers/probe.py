@@ -1,4 +1,10 @@
-"""A classifier fitted on the support features: the linear probe's maximum class probability."""
+"""A classifier fitted on the support features: the linear probe's maximum class probability.
+
+`--baseline_protocol oodbench` fits OODDetectionBench's probe instead: one-vs-rest logistic regressions
+(liblinear, C = 0.316, random_state 0) on the raw features, scored by the largest of their sigmoids
+normalised to sum to one (its `LogisticRegression(solver="liblinear")`, which scikit-learn >= 1.8
+refuses for 3+ classes; `OneVsRestClassifier` computes the same probabilities).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.scorers.distance import check_protocol, protocol_field
 from evaluation.scorers.base import (
     FeatureBatch,
     Scorer,
@@ -28,11 +35,17 @@ class LinearProbeScorer(Scorer):
     """Maximum softmax probability of a logistic regression fitted on the standardised support features."""
 
     max_iter: int = hyperparameter(1000, "L-BFGS iterations of the logistic regression", arg_type=positive_int)
+    baseline_protocol: str = protocol_field()
     pipeline: Any = fitted()
     feat_dim: int | None = fitted()
 
+    # OODDetectionBench's probe (models/evaluators/linear_probe.py).
+    OODBENCH_C = 0.316
+    OODBENCH_MAX_ITER = 1000
+
     def __post_init__(self) -> None:
         self.max_iter = check_positive_int(self.max_iter, "max_iter")
+        self.baseline_protocol = check_protocol(self.baseline_protocol)
 
     def fit(self, inputs: ScoringInputs) -> None:
         """StandardScaler + LogisticRegression(lbfgs); needs at least two classes."""
@@ -45,6 +58,16 @@ class LinearProbeScorer(Scorer):
             raise ValueError("linear_probe needs at least two support classes, got one")
         feats = inputs.support.feats.detach().to(torch.float64).cpu().numpy()
         labels = inputs.support.labels.detach().long().cpu().numpy()
+        if self.baseline_protocol == "oodbench":
+            from sklearn.multiclass import OneVsRestClassifier
+
+            # liblinear's coordinate order is seeded (random_state 0), so this probe is deterministic too.
+            binary = LogisticRegression(solver="liblinear", C=self.OODBENCH_C, max_iter=self.OODBENCH_MAX_ITER,
+                                        random_state=0)
+            self.pipeline = OneVsRestClassifier(binary) if n_classes > 2 else binary
+            self.pipeline.fit(feats, labels)
+            self.feat_dim = inputs.support.feats.shape[1]
+            return
         # lbfgs has no randomness, so the probe is deterministic for given features.
         self.pipeline = make_pipeline(StandardScaler(), LogisticRegression(solver="lbfgs", max_iter=self.max_iter))
         self.pipeline.fit(feats, labels)
