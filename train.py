@@ -64,12 +64,18 @@ def str2bool(value: str) -> bool:
 
 
 class DefaultOnceHelpFormatter(argparse.HelpFormatter):
-    """Shows each flag's default once: appended unless the help text states it; None and False omitted."""
+    """Shows each flag's default once: appended unless the help text states it; None and a switch's False
+    omitted; a yes/no value as on/off (0 is a default like any other, not a missing one)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        default = action.default
+        if "default" in text or default is None or default is argparse.SUPPRESS or not action.option_strings:
             return text
+        if isinstance(default, bool):
+            if action.nargs == 0:  # store_true / store_false: the switch itself says it
+                return text
+            return f"{text} (default: {'on' if default else 'off'})".strip()
         return f"{text} (default: %(default)s)".strip()
 
 

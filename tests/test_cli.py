@@ -139,6 +139,10 @@ def test_help_states_each_default_once(capsys):
     assert repeated == []
     assert "(default: 224)" in out and "(default: cuda when available)" in out
     assert "(default: None)" not in out and "(default: False)" not in out
+    entry = {e.split()[0]: " ".join(e.split()) for e in entries}
+    # A zero is a default like any other; a yes/no value reads as the on/off it is typed as.
+    assert entry["-margins_epoch"].endswith("(default: 0)") and entry["-save_maps"].endswith("(default: 0)")
+    assert entry["-knn_normalize"].endswith("(default: on)") and entry["-ae_features"].endswith("(default: off)")
 
 
 def test_a_torchvision_that_cannot_be_imported_is_named_in_one_line(tmp_path):
