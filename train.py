@@ -35,7 +35,7 @@ from datasets.image_lists import DataError, load_truncated_images  # noqa: E402
 from datasets.train_lists import training_set_names, training_uses_target  # noqa: E402
 from evaluation.scorers import SCORERS, scorer_flags  # noqa: E402
 from utils.distributed import add_distributed_args, cleanup, init_distributed_mode  # noqa: E402
-from utils.arg_types import (crop_scale, int_at_least, non_negative_float, non_negative_int,  # noqa: E402
+from utils.arg_types import (boolean, crop_scale, int_at_least, non_negative_float, non_negative_int,  # noqa: E402
                              positive_float, positive_int, probability)
 from utils.precision import AMP_MODES, use_tf32  # noqa: E402
 from utils.progress import set_quiet  # noqa: E402
@@ -51,16 +51,6 @@ DEBUG_ERRORS_ENV = "RESEND_DEBUG_ERRORS"
 
 class UsageError(ValueError):
     """Flags that cannot be used together."""
-
-
-def str2bool(value: str) -> bool:
-    """Parse the authors' boolean flags (`--class_balancing False`)."""
-    lowered = str(value).lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 class DefaultOnceHelpFormatter(argparse.HelpFormatter):
@@ -132,7 +122,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="after warm-up: the authors' step decay, or cosine to 0")
     train.add_argument("--clip_grad", type=positive_float, default=None, help="clip the gradient norm at this value (default: off)")
     train.add_argument("--neg_to_pos_ratio", type=positive_int, default=20, help="negative pairs per anchor")
-    train.add_argument("--class_balancing", type=str2bool, default=True,
+    train.add_argument("--class_balancing", type=boolean, default=True,
                        help="extra anchors for classes smaller than the largest one")
     train.add_argument("--min_scale", type=crop_scale, default=0.8, help="RandomResizedCrop scale min, in (0, 1]")
     train.add_argument("--max_scale", type=crop_scale, default=1.0, help="RandomResizedCrop scale max, in (0, 1]")
@@ -149,7 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     train.add_argument("--no_tf32", action="store_true",
                        help="with --amp none on CUDA, keep matmuls and convolutions in full fp32 (default: TF32, "
                             "as the authors' torch 1.8 ran them on Ampere and later GPUs)")
-    train.add_argument("--sync_bn", type=str2bool, default=None,
+    train.add_argument("--sync_bn", type=boolean, default=None,
                        help="SyncBatchNorm when distributed (default: on for CUDA, off on the CPU)")
     train.add_argument("--seed", type=int, default=0)
 

@@ -42,6 +42,8 @@ BAD_VALUES = [
     ("--transf_depth", "0", "must be at least 1, got 0"),
     ("--transf_n_heads", "0", "must be at least 1, got 0"),
     ("--dist_timeout_minutes", "0", "must be positive, got 0"),
+    ("--class_balancing", "maybe", "expected on/off (or true/false, yes/no, 1/0), got 'maybe'"),
+    ("--knn_normalize", "2", "expected on/off (or true/false, yes/no, 1/0), got '2'"),
 ]
 
 
@@ -51,6 +53,14 @@ def test_out_of_range_flags_are_refused_by_the_parser(flag, value, message, caps
         train.get_args_parser().parse_args([flag, value])
     assert exit_info.value.code == 2
     assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_yes_no_flags_take_every_spelling_the_authors_and_users_write():
+    parser = train.get_args_parser()
+    for text, expected in (("False", False), ("true", True), ("off", False), ("ON", True), ("no", False),
+                           ("y", True), ("0", False), ("1", True)):
+        args = parser.parse_args(["--class_balancing", text, "--knn_normalize", text, "--ae_features", text])
+        assert args.class_balancing is args.knn_normalize is args.ae_features is expected, text
 
 
 def test_values_at_the_edges_of_each_range_are_accepted():

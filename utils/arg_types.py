@@ -65,3 +65,13 @@ def crop_scale(text: str) -> float:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def boolean(text: str) -> bool:
+    """A yes/no value: true/false, on/off, yes/no, y/n, 1/0 (any case), as the authors' `--class_balancing False`."""
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off (or true/false, yes/no, 1/0), got {text!r}")

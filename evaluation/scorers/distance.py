@@ -31,7 +31,7 @@ from evaluation.scorers.base import (
     register_scorer,
     require_fitted,
 )
-from utils.arg_types import positive_int
+from utils.arg_types import boolean, positive_int
 
 # Bounds the [targets, support] similarity block of the kNN scorer (float32: 64 MiB).
 KNN_BLOCK_ELEMENTS = 2 ** 24
@@ -56,16 +56,6 @@ def check_protocol(value: str) -> str:
     if value not in PROTOCOLS:
         raise ValueError(f"baseline_protocol must be one of {', '.join(PROTOCOLS)}, got {value!r}")
     return value
-
-
-def on_off(text: str) -> bool:
-    """argparse type of a yes/no flag: on/off, true/false, yes/no, 1/0 (case-insensitive)."""
-    value = str(text).strip().lower()
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off (or true/false, yes/no, 1/0), got {text!r}")
 
 
 def protocol_field() -> str:
@@ -164,7 +154,7 @@ class KnnDistanceScorer(Scorer):
     baseline_protocol: str = protocol_field()
     normalize: bool = hyperparameter(True, "kNN on L2-normalised features (on: knn_ood) or raw ones (off: "
                                            "knn_distance); off needs --baseline_protocol oodbench",
-                                     flag="knn_normalize", arg_type=on_off)
+                                     flag="knn_normalize", arg_type=boolean)
     support: Tensor | None = fitted()
     support_labels: Tensor | None = fitted()
     n_classes: int | None = fitted()

@@ -43,8 +43,7 @@ from evaluation.scorers.base import (
     require_fitted,
 )
 from evaluation.scorers.density import one_thread
-from evaluation.scorers.distance import on_off
-from utils.arg_types import non_negative_float, non_negative_int, positive_float, positive_int
+from utils.arg_types import boolean, non_negative_float, non_negative_int, positive_float, positive_int
 
 POSITIVE_MARGIN = 0.1  # the original's triplet margin: same-class latents within this distance cost nothing
 PRIOR_STD = 0.1  # standard deviation of each known class's Gaussian prior (as the original)
@@ -131,7 +130,7 @@ class LatentVaeScorer(Scorer):
     sample_count: int = hyperparameter(32, "latent_vae: samples per class per batch (B_s)", flag="sample_count",
                                        arg_type=positive_int)
     ae_features: bool = hyperparameter(False, "latent_vae: weight the latent distance by the (linear) auto-encoder's "
-                                              "reconstruction error (on/off)", flag="ae_features", arg_type=on_off)
+                                              "reconstruction error (on/off)", flag="ae_features", arg_type=boolean)
     epochs: int = hyperparameter(30, "latent_vae: passes over the support features", flag="vae_epochs",
                                  arg_type=non_negative_int)
     lr: float = hyperparameter(3e-3, "latent_vae: Adam learning rate", flag="vae_lr", arg_type=positive_float)
