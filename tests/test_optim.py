@@ -148,3 +148,77 @@ def test_cosine_with_warmup_equal_to_total():
 def test_schedule_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lr_at_iteration(**kwargs)
+
+
+def test_lars_steps_with_the_learning_rate_it_was_built_with():
+    # No set_lr: the first step uses build_optimizer's lr (timm's default would be 1.0).
+    initial = _make_params()
+    params = [torch.nn.Parameter(p.clone()) for p in initial]
+    optimizer = build_optimizer(params, "lars", lr=0.05, momentum=0.9, weight_decay=5e-4)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.05]
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in initial]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    optimizer.step()
+    reference = [p.clone() for p in initial]
+    _reference_lars_step(reference, grads, [None] * 4, 0.05, [5e-4] * 4, 0.9)
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.detach(), r, rtol=0, atol=1e-12)
+    assert float((params[2].detach() - initial[2]).abs().max()) > 0.01  # zero-initialised: moved like SGD
+
+
+def test_unknown_optimizer_message_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"^unknown optimizer 'adamw'; valid: sgd, lars$"):
+        build_optimizer([torch.nn.Parameter(torch.ones(2))], "adamw", lr=0.1, momentum=0.9, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(iteration=0, base_lr=0.1, warmup=2, step_after=5, schedule="linear"),
+     "unknown lr schedule 'linear'; valid: step, cosine"),
+    (dict(iteration=-1, base_lr=0.1, warmup=2, schedule="step", step_after=5),
+     "iteration must be a non-negative integer, got -1"),
+    (dict(iteration=True, base_lr=0.1, warmup=2, schedule="step", step_after=5),
+     "iteration must be a non-negative integer, got True"),
+    (dict(iteration=1.0, base_lr=0.1, warmup=2, schedule="step", step_after=5),
+     "iteration must be a non-negative integer, got 1.0"),
+    (dict(iteration=0, base_lr=0.1, warmup=-2, schedule="step", step_after=5),
+     "warmup must be a non-negative integer, got -2"),
+    (dict(iteration=0, base_lr=0.1, warmup=False, schedule="step", step_after=5),
+     "warmup must be a non-negative integer, got False"),
+    (dict(iteration=0, base_lr=-0.1, warmup=2, schedule="step", step_after=5),
+     "base_lr must be a non-negative number, got -0.1"),
+    (dict(iteration=0, base_lr="0.1", warmup=2, schedule="step", step_after=5),
+     "base_lr must be a non-negative number, got '0.1'"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="step", step_after=-5),
+     "step_after must be a non-negative integer, got -5"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="step", step_after=None),
+     "step_after must be a non-negative integer, got None"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="step", step_after=0),
+     "step_after must be positive for the step schedule, got 0"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="step", step_after=5, step_gamma=0.0),
+     "step_gamma must be a positive number, got 0.0"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="step", step_after=5, step_gamma="0.1"),
+     "step_gamma must be a positive number, got '0.1'"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, step_after=5, schedule="cosine"),
+     "the cosine schedule needs total_iterations"),
+    (dict(iteration=0, base_lr=0.1, warmup=2, schedule="cosine", step_after=None, total_iterations=-1),
+     "total_iterations must be a non-negative integer, got -1"),
+    (dict(iteration=0, base_lr=0.1, warmup=20, schedule="step", step_after=5, total_iterations=10),
+     "warmup (20) exceeds total_iterations (10)"),
+    (dict(iteration=11, base_lr=0.1, warmup=2, schedule="step", step_after=5, total_iterations=10),
+     "iteration 11 is past total_iterations (10)"),
+])
+def test_schedule_error_messages(kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        lr_at_iteration(**kwargs)
+    assert str(caught.value) == message
+
+
+def test_schedule_boundaries_are_accepted():
+    # base_lr 0 (a frozen run), iteration == total_iterations, warmup == total_iterations.
+    assert lr_at_iteration(3, 0.0, 2, 5, "step") == 0.0
+    assert lr_at_iteration(10, 0.4, 2, 4, "step", total_iterations=10) == pytest.approx(0.4 * STEP_GAMMA ** 2)
+    assert lr_at_iteration(0, 0.4, 0, None, "cosine", total_iterations=0) == 0.0
+    # Warm-up comes first even when a decay step would fall inside it.
+    assert lr_at_iteration(0, 0.4, 4, 1, "step") == pytest.approx(0.1)

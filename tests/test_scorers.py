@@ -1,20 +1,37 @@
 """Tests for evaluation.scorers: argument order, chunking, prototypes, selection, kNN, registry."""
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-from evaluation.metrics import compute_metrics
 from evaluation.evaluate import few_shot_indices
-from evaluation.scorers import SCORERS, FeatureBatch, Scorer, ScoreResult, ScoringInputs, build_scorer, register_scorer
+from evaluation.metrics import compute_metrics
+from evaluation.scorers import (
+    SCORERS,
+    FeatureBatch,
+    Scorer,
+    ScoreResult,
+    ScoringInputs,
+    build_scorer,
+    register_scorer,
+)
+from evaluation.scorers import resend as resend_module
 from evaluation.scorers.base import DEFAULT_PAIR_CHUNK, hyperparameter, scorer_flags
 from evaluation.scorers.resend import (
     KnnRelationalScorer,
     MostSignificantPrototypesScorer,
     RelationalPrototypeScorer,
     farthest_point_indices,
+    pairwise_similarity,
     resend_similarity,
+)
+from tests.authors_reference import (
+    reference_coreset,
+    reference_knn,
+    reference_most_significant,
+    reference_resend,
 )
 
 
@@ -275,6 +292,21 @@ def test_registry_and_build_scorer(monkeypatch):
         register_scorer("not_a_dataclass", "x")(type("Plain", (Scorer,), {}))
 
 
+def test_relational_scorers_read_nnk_and_need_the_pair_logits():
+    # resend_msp and resend_knn both take k from --NNK; --NNK is parsed as an integer >= 1.
+    for name, cls in (("resend_msp", MostSignificantPrototypesScorer), ("resend_knn", KnnRelationalScorer)):
+        scorer = build_scorer(name, {"NNK": 3})
+        assert type(scorer) is cls and scorer.k == 3
+    parse = scorer_flags()["NNK"]["arg_type"]
+    assert parse("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="^must be at least 1, got 0$"):
+        parse("0")
+    # The three ReSeND scorers need the relational module's pair logits (--backbone_only skips
+    # them) and no block norms.
+    for name in ("resend", "resend_msp", "resend_knn"):
+        assert SCORERS[name].needs_pair_logits is True and SCORERS[name].needs_block_norms is False
+
+
 def test_scorers_sharing_a_flag_must_share_its_default(monkeypatch):
     @dataclass
     class OtherK(Scorer):
@@ -358,3 +390,205 @@ def test_farthest_point_selection_follows_the_authors_float16_and_swap_order():
     scorer = bind(MostSignificantPrototypesScorer, l2_head(neg_euclidean), k=2)
     scorer.fit(feats, torch.zeros(3, dtype=torch.long))
     assert scorer.prototype_indices.tolist() == [2, 1]
+
+
+# --- Mutation round 2 (tests/MUTATION.md): exact values, boundaries, messages and devices. ---
+
+
+def random_relational(a, b):
+    """An asymmetric L2-head relational module [B, 1] with spread-out logits (-score = logit)."""
+    return (0.3 * ((a - b) ** 2).sum(dim=1) + 0.5 * a[:, 0] - 0.2 * b[:, 1]).unsqueeze(1)
+
+
+def random_problem(seed=3, n_classes=3, per_class=5, n_targets=7, dim=4):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    support = torch.randn(len(labels), dim, generator=g, dtype=torch.float64) + 2.0 * labels[:, None]
+    targets = 2.0 * torch.randn(n_targets, dim, generator=g, dtype=torch.float64)
+    return support, labels, targets
+
+
+def test_scorers_equal_the_authors_reference_on_random_features():
+    support, labels, targets = random_problem()
+    proto = bind(RelationalPrototypeScorer, random_relational, chunk_size=4).fit(support, labels).score(targets)
+    normality, pred = reference_resend(random_relational, support, labels.tolist(), targets, 3)
+    # The comparison means something: scores spread and more than one class is predicted.
+    assert np.ptp(normality) > 0.1 and len(set(pred.tolist())) >= 2
+    np.testing.assert_allclose(proto.normality.numpy(), normality, rtol=1e-12)
+    assert proto.pred.tolist() == pred.tolist()
+    sims = torch.stack([-random_relational(t.expand(3, -1), torch.stack(
+        [support[labels == c].mean(0) for c in range(3)]))[:, 0] for t in targets])
+    np.testing.assert_allclose(proto.extra["max_logit"].numpy(), sims.max(dim=1).values.numpy(), rtol=1e-12)
+
+    msp = bind(MostSignificantPrototypesScorer, random_relational, k=3, chunk_size=5).fit(support, labels)
+    result = msp.score(targets)
+    expected = reference_most_significant(random_relational, support, labels.tolist(), targets, 3, 3)
+    assert np.ptp(expected["max_logit"]) > 0.1 and len(set(expected["pred"].tolist())) >= 2
+    np.testing.assert_allclose(result.normality.numpy(), expected["max_logit"], rtol=1e-12)
+    np.testing.assert_allclose(result.extra["max_softmax"].numpy(), expected["max_softmax"], rtol=1e-12)
+    assert result.pred.tolist() == expected["pred"].tolist()
+    assert msp.prototypes is msp.references and msp.prototypes.shape == (9, 4)
+
+    for k in (1, 4):
+        knn = bind(KnnRelationalScorer, random_relational, k=k, chunk_size=6).fit(support, labels)
+        result = knn.score(targets)
+        np.testing.assert_allclose(result.normality.numpy(), reference_knn(random_relational, support, targets, k),
+                                   rtol=1e-12)
+        scores = torch.stack([-random_relational(t.expand(len(support), -1), support)[:, 0] for t in targets])
+        assert result.pred.tolist() == labels[scores.argmax(dim=1)].tolist()
+        assert len(set(result.pred.tolist())) >= 2
+        np.testing.assert_allclose(result.extra["max_logit"].numpy(), scores.max(dim=1).values.numpy(), rtol=1e-12)
+
+
+def test_msp_class_scores_start_below_every_score():
+    # Every score negative: a class's best prototype score must win over any fill value (an
+    # initial 0 would make every class score 0).
+    support = torch.tensor([[0.0], [1.0], [10.0], [12.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    scorer = bind(MostSignificantPrototypesScorer, l2_head(lambda a, b: -torch.abs(a - b).squeeze(1) - 5.0), k=2)
+    result = scorer.fit(support, labels).score(torch.tensor([[4.0], [9.0]]))
+    # Target 4: class 0 best -3 - 5 = -8, class 1 best -6 - 5 = -11. Target 9: -13 and -6.
+    assert result.normality.tolist() == [-8.0, -6.0]
+    assert result.pred.tolist() == [0, 1]
+    expected = torch.softmax(torch.tensor([[-8.0, -11.0], [-13.0, -6.0]], dtype=torch.float64), dim=1)
+    np.testing.assert_allclose(result.extra["max_softmax"].numpy(), expected.max(dim=1).values.numpy(), rtol=1e-6)
+
+
+def test_relational_scores_carry_no_gradient():
+    support, labels, targets = random_problem()
+    support.requires_grad_(True)
+    targets.requires_grad_(True)
+    for cls, hyper in ((RelationalPrototypeScorer, {}), (MostSignificantPrototypesScorer, {"k": 2}),
+                       (KnnRelationalScorer, {"k": 2})):
+        result = bind(cls, random_relational, **hyper).fit(support, labels).score(targets)
+        assert not result.normality.requires_grad, cls.__name__
+        assert all(not value.requires_grad for value in result.extra.values()), cls.__name__
+
+
+@pytest.mark.parametrize("n, k", [(12, 1), (12, 4), (12, 12), (7, 3), (30, 6)])
+def test_farthest_point_indices_equal_the_authors_selection(n, k):
+    g = torch.Generator().manual_seed(n * 100 + k)
+    # Columns on different scales and off-centre: the mean is per column, the distances Euclidean.
+    feats = torch.randn(n, 3, generator=g) * torch.tensor([1.0, 4.0, 0.5]) + torch.tensor([3.0, -7.0, 1.0])
+    assert farthest_point_indices(feats, k).tolist() == reference_coreset(feats, k)
+
+
+def test_farthest_point_start_is_nearest_the_column_mean():
+    # Column means (0, 10): row 1 (0, 10) is nearest; the mean of all entries (5) is nearest row 2.
+    feats = torch.tensor([[-3.0, 10.0], [0.0, 10.0], [5.0, 5.0], [3.0, 15.0], [-5.0, 20.0], [0.0, 0.0]])
+    assert farthest_point_indices(feats, 1).tolist() == [1]
+    assert farthest_point_indices(feats, 1, half_precision=False).tolist() == [1]
+    # Then farthest from row 1: row 4 (distance 11.2); then from {1, 4}: row 5 (10 from row 1).
+    assert farthest_point_indices(feats, 3, half_precision=False).tolist() == [1, 4, 5]
+
+
+@pytest.mark.parametrize("half_precision", [True, False])
+def test_farthest_point_never_repeats_a_row_among_duplicates(half_precision):
+    # Only duplicates left: each pick is a fresh row (the first one in order), never a repeat.
+    feats = torch.full((4, 2), 5.0)
+    assert farthest_point_indices(feats, 4, half_precision).tolist() == [0, 1, 2, 3]
+    feats = torch.tensor([[1.0], [1.0], [1.0], [9.0]])
+    assert farthest_point_indices(feats, 4, half_precision).tolist() == [0, 3, 1, 2]
+
+
+def test_pairwise_similarity_values_shapes_and_dtype():
+    targets = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.25]], dtype=torch.float64)
+    references = torch.tensor([[1.0, 0.0], [0.1, 0.7]], dtype=torch.float64)
+
+    def similarity(a, b):
+        # float64 values that float32 cannot hold (a float32 output buffer would round them).
+        return (a * b).sum(dim=1) / 3.0 + 1e-9
+
+    for chunk_size in (1, 4, 6, 100):
+        out = pairwise_similarity(similarity, targets, references, chunk_size)
+        expected = torch.tensor([[float((t * r).sum()) / 3.0 + 1e-9 for r in references] for t in targets],
+                                dtype=torch.float64)
+        assert out.dtype == torch.float64 and out.shape == (3, 2)
+        assert torch.equal(out, expected)
+    one = pairwise_similarity(similarity, targets[1:2], references[1:], 4)
+    assert one.shape == (1, 1) and one.item() == (3.0 * 0.1 - 0.7) / 3.0 + 1e-9
+    # No pairs at all: an empty [M, R] matrix in the targets' dtype, and no similarity call.
+    calls = []
+    for m, r in ((0, 2), (3, 0), (0, 0)):
+        empty = pairwise_similarity(lambda a, b: calls.append(1), targets[:m], references[:r], 4)
+        assert empty.shape == (m, r) and empty.dtype == torch.float64
+    assert calls == []
+
+
+def test_pairwise_similarity_reports_progress_in_chunks(monkeypatch):
+    seen = []
+
+    def recording_progress(iterable, total, desc, unit="it"):
+        seen.append((total, desc, unit))
+        yield from iterable
+
+    monkeypatch.setattr(resend_module, "progress", recording_progress)
+    out = pairwise_similarity(lambda a, b: (a - b).sum(dim=1), torch.ones(5, 2), torch.zeros(3, 2), 4)
+    assert out.shape == (5, 3)
+    assert seen == [(4, "pairs", "chunk")]  # 15 pairs in chunks of 4
+    seen.clear()
+    support, labels, targets = random_problem(n_targets=5)
+    bind(KnnRelationalScorer, random_relational, k=2, chunk_size=7).fit(support, labels).score(targets)
+    assert seen == [(11, "resend_knn: 5 x 15 pairs", "chunk")]  # 75 pairs in chunks of 7
+
+
+def test_results_stay_on_the_inputs_device_whatever_the_default_device():
+    # On a GPU every tensor the scorers create must follow the features, not the default device
+    # (the CPU). Here the features are on the CPU and the default device is "meta": a tensor
+    # created without the features' device lands there and breaks the computation.
+    support, labels, targets = random_problem()
+    expected = {}
+    for cls, hyper in ((RelationalPrototypeScorer, {}), (MostSignificantPrototypesScorer, {"k": 3}),
+                       (KnnRelationalScorer, {"k": 2})):
+        expected[cls] = bind(cls, random_relational, chunk_size=4, **hyper).fit(support, labels).score(targets)
+    picks = farthest_point_indices(support, 4).tolist()
+    duplicates = torch.tensor([[1.0], [1.0], [9.0]])
+    with torch.device("meta"):
+        for cls, hyper in ((RelationalPrototypeScorer, {}), (MostSignificantPrototypesScorer, {"k": 3}),
+                           (KnnRelationalScorer, {"k": 2})):
+            result = bind(cls, random_relational, chunk_size=4, **hyper).fit(support, labels).score(targets)
+            assert result.normality.device.type == "cpu" and result.pred.device.type == "cpu"
+            assert torch.equal(result.normality, expected[cls].normality)
+            assert torch.equal(result.pred, expected[cls].pred)
+        found = farthest_point_indices(support, 4)
+        assert found.device.type == "cpu" and found.tolist() == picks
+        for half in (True, False):
+            assert farthest_point_indices(duplicates, 3, half).tolist() == [0, 2, 1]
+        empty = pairwise_similarity(lambda a, b: a.sum(dim=1), targets[:0], support, 4)
+        assert empty.device.type == "cpu" and empty.shape == (0, 15)
+        sims = pairwise_similarity(lambda a, b: (a * b).sum(dim=1), targets, support, 4)
+        assert sims.device.type == "cpu"
+    torch.testing.assert_close(sims, targets @ support.T, rtol=1e-12, atol=1e-12)
+
+
+def test_knn_accepts_k_equal_to_the_support_size_and_names_both_sizes():
+    support = torch.tensor([[0.0, 1.0], [1.0, 1.0], [3.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    scorer = bind(KnnRelationalScorer, l2_head(lambda a, b: -torch.abs(a - b).sum(dim=1)), k=3)
+    result = scorer.fit(support, labels).score(torch.tensor([[1.0, 1.0]]))
+    assert result.normality.tolist() == [-1.0]  # mean of -1, 0, -2
+    assert result.pred.tolist() == [0]
+    with pytest.raises(ValueError, match=r"^k = 4 exceeds the support set size 3$"):
+        bind(KnnRelationalScorer, l2_head(neg_euclidean), k=4).fit(support, labels)
+
+
+@pytest.mark.parametrize("cls", [MostSignificantPrototypesScorer, KnnRelationalScorer])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_k_must_be_a_positive_integer(cls, bad):
+    with pytest.raises(ValueError, match=rf"^k must be a positive integer, got {bad!r}$"):
+        cls(k=bad)
+
+
+def test_relational_scorer_messages():
+    feats, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    for cls in (RelationalPrototypeScorer, MostSignificantPrototypesScorer, KnnRelationalScorer):
+        with pytest.raises(RuntimeError, match=rf"^{cls.__name__}\.score called before fit$"):
+            bind(cls, l2_head(neg_euclidean)).score(feats)
+        scorer = bind(cls, l2_head(neg_euclidean)).fit(feats, labels)
+        with pytest.raises(ValueError, match=r"^scored features must be \[M, 4\] to match the fitted references, "
+                                             r"got \(3, 5\)$"):
+            scorer.score(torch.randn(3, 5))
+        with pytest.raises(ValueError, match=rf"^{cls.name} needs the relational module's pair logits "
+                                             r"\(ScoringInputs\.pair_logits\); --backbone_only evaluates the "
+                                             r"post-hoc baselines only$"):
+            cls().fit(ScoringInputs(FeatureBatch(feats, labels)))

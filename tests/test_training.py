@@ -257,23 +257,6 @@ def test_the_device_must_be_resolved_before_training(train_root, tmp_path):
         TrainingSettings.from_args(args)
 
 
-def test_collapse_warning_on_saturated_outputs():
-    from training.engine import PeriodStats, collapse_warning
-    objective = Objective(loss_function="L2", sigmoid_compression=10.0, sigmoid_expansion=2.0)
-    relation = torch.tensor([0, 1, 0, 1])
-    saturated = PeriodStats(torch.device("cpu"))
-    saturated.update(torch.tensor(2.0), torch.full((4, 1), -30.0), relation, objective)
-    assert collapse_warning(saturated, objective) == (
-        "outputs collapsed: every pair scored -1.0000 (saturated at +/-1.0); the loss is stuck. "
-        "Lower --learning_rate, use --clip_grad 1.0 or --head_init zero")
-    healthy = PeriodStats(torch.device("cpu"))
-    healthy.update(torch.tensor(0.5), torch.tensor([[-0.2], [0.3], [-0.1], [0.05]]), relation, objective)
-    assert collapse_warning(healthy, objective) is None
-    summary = healthy.summary()
-    assert summary["acc_same"] == 1.0 and summary["acc_diff"] == 1.0 and summary["loss"] == pytest.approx(0.5)
-    assert summary["pairs"] == 4
-
-
 def test_num_workers_default_depends_on_device():
     parser = train.get_args_parser()
     for device, expected in (("cpu", 0), ("cuda:1", train.CUDA_NUM_WORKERS)):

@@ -27,9 +27,8 @@ class PeriodStats:
     """Sums over a logging period: loss, accuracy on same- and different-class pairs, output range."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
-        # loss_sum, n, same_correct, same_total, diff_correct, diff_total
-        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        # loss_sum, same_correct, same_total, diff_correct, diff_total (pairs = same_total + diff_total)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         # On the device: reading them every micro-step would make each step wait for the GPU.
         self.out_min = torch.tensor(math.inf, device=device)
         self.out_max = torch.tensor(-math.inf, device=device)
@@ -43,18 +42,18 @@ class PeriodStats:
             correct = different == is_diff
             n = float(relation.numel())
             self.sums += torch.stack([loss.detach().double() * n,
-                                      torch.tensor(n, dtype=torch.float64, device=self.device),
                                       (correct & ~is_diff).sum().double(), (~is_diff).sum().double(),
                                       (correct & is_diff).sum().double(), is_diff.sum().double()])
             if objective.loss_function == "L2":
                 out = l2_output(logits.float(), objective.sigmoid_compression, objective.sigmoid_expansion)
-                self.out_min = torch.minimum(self.out_min, out.min().to(self.out_min.device))
-                self.out_max = torch.maximum(self.out_max, out.max().to(self.out_max.device))
+                self.out_min = torch.minimum(self.out_min, out.min())
+                self.out_max = torch.maximum(self.out_max, out.max())
 
     def summary(self) -> Dict[str, float]:
         """Averages over the period and over every process, and the number of pairs it trained on."""
         sums = all_reduce_mean(self.sums) * get_world_size()
-        loss_sum, n, same_ok, same_n, diff_ok, diff_n = sums.tolist()
+        loss_sum, same_ok, same_n, diff_ok, diff_n = sums.tolist()
+        n = same_n + diff_n
         acc_same = same_ok / max(same_n, 1.0)
         acc_diff = diff_ok / max(diff_n, 1.0)
         return {"loss": loss_sum / max(n, 1.0), "acc_same": acc_same, "acc_diff": acc_diff,

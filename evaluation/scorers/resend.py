@@ -7,6 +7,7 @@ scores become a normality.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -93,14 +94,14 @@ def farthest_point_indices(feats: Tensor, k: int, half_precision: bool = True) -
     chosen = [0]
     # Chosen rows get -inf (the authors: 0) so that, when only duplicates remain, a fresh row is
     # picked rather than a repeat; the picked features are the same either way.
-    min_dist[0] = -float("inf")
+    min_dist[0] = -math.inf
     for _ in range(k - 1):
         distance = torch.linalg.vector_norm(swapped - swapped[chosen[-1]:chosen[-1] + 1], dim=1)
         min_dist = torch.minimum(min_dist, distance)
         nxt = int(torch.argmax(min_dist))
         chosen.append(nxt)
-        min_dist[nxt] = -float("inf")
-    return order[torch.tensor(chosen, dtype=torch.long, device=feats.device)]
+        min_dist[nxt] = -math.inf
+    return order[chosen]
 
 
 @dataclass

@@ -2,15 +2,19 @@
 # Mutation testing of the core modules (not part of CI); results and survivors: tests/MUTATION.md.
 #
 #   tests/mutation/run.sh [MODULE ...]     MODULE: metrics pairs objective state_dicts atomic_files plots
-#                                          (default: all six, one after the other)
+#                                                  resend featurenorm optim engine
+#                                          (default: all ten, one after the other)
 #
 # The configuration is the [mutmut] section of setup.cfg (which files are mutated, which test files
 # run). The working tree is copied to $MUTATION_WORKDIR (default /tmp/resend-mutation) and mutmut
 # runs there, so the repository gets no mutants/ folder and edits made during a run do not leak
 # into it. mutmut runs, for each mutant, only the tests that executed the mutated function.
-# One worker ($MUTATION_CHILDREN, default 1): the six modules take 6-8 min of wall time and about
-# 5.5 min of CPU on the development machine (2 cores). Needs mutmut 3.8 (`pip install
-# 'mutmut==3.8.*'`; it is not in requirements-dev.txt: mutation testing is not part of CI).
+# One worker ($MUTATION_CHILDREN, default 1): on the development machine (2 cores) the six round-1
+# modules take 6-8 min of wall time and about 5.5 min of CPU, the four round-2 modules (resend ...
+# engine) 2-3 min and about 2.3 min of CPU. Needs mutmut 3.8 (`pip install 'mutmut==3.8.*'`; it
+# is not in requirements-dev.txt: mutation testing is not part of CI). mutmut leaves decorated
+# functions and code outside functions alone: tests/mutation/hand_mutants.py covers those of the
+# round-2 modules.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -21,9 +25,12 @@ python=${PYTHON:-python}
 declare -A module_of=(
   [metrics]=evaluation.metrics [pairs]=datasets.pairs [objective]=models.objective
   [state_dicts]=models.state_dicts [atomic_files]=utils.atomic_files [plots]=evaluation.plots
+  [resend]=evaluation.scorers.resend [featurenorm]=evaluation.scorers.featurenorm [optim]=utils.optim
+  [engine]=training.engine
 )
 modules=("$@")
-[ ${#modules[@]} -eq 0 ] && modules=(metrics pairs objective state_dicts atomic_files plots)
+[ ${#modules[@]} -eq 0 ] && modules=(metrics pairs objective state_dicts atomic_files plots
+                                     resend featurenorm optim engine)
 "$python" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed for $python: pip install 'mutmut==3.8.*'" >&2; exit 2; }
 for name in "${modules[@]}"; do
   [ -n "${module_of[$name]:-}" ] || { echo "unknown module '$name'; valid: ${!module_of[*]}" >&2; exit 2; }

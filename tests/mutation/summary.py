@@ -11,6 +11,9 @@ FILES = {
     "metrics": "evaluation/metrics.py", "pairs": "datasets/pairs.py", "objective": "models/objective.py",
     "state_dicts": "models/state_dicts.py", "atomic_files": "utils/atomic_files.py",
     "plots": "evaluation/plots.py",
+    # second round
+    "resend": "evaluation/scorers/resend.py", "featurenorm": "evaluation/scorers/featurenorm.py",
+    "optim": "utils/optim.py", "engine": "training/engine.py",
 }
 # mutmut's exit-code meanings (mutmut.stats.status_by_exit_code) for the codes a run records.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
@@ -30,7 +33,7 @@ def main(names: list[str]) -> int:
         killed = counts["killed"] + counts["timeout"]
         total = len(status)
         worst = min(worst, killed / total)
-        print(f"{FILES[name]:24s} killed {killed:4d}/{total:<4d} ({100 * killed / total:5.1f} %)  "
+        print(f"{FILES[name]:34s} killed {killed:4d}/{total:<4d} ({100 * killed / total:5.1f} %)  "
               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "killed"))
         for key in sorted(k for k, s in status.items() if s not in ("killed", "timeout")):
             print(f"    {status[key]:12s} {key}")
