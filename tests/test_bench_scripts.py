@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,13 @@ def test_bench_train_gpu_runs_both_pipelines_on_the_cpu():
     assert [row[1] for row in rows] == ["compute", "workers", "device"]
     assert all(float(row[2]) > 0 for row in rows)
     assert "target: none end to end (device) >= 90% of compute-only" in out
+
+
+def test_bench_only_eval_times_a_real_process_and_reads_its_phases():
+    out = run_script("bench_only_eval.py", "--device", "cpu", "--support", "12", "--scored", "10", "--side", "36",
+                     "--image_size", "32", "--depth", "1", "--num_workers", "0", "--evaluators", "default")
+    assert "12 support + 10 scored 36 px JPEGs, 6 known classes" in out
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("default ")]
+    wall, load, features, scoring, writing, after = map(float, row[3:])
+    # The process's wall time holds every phase its manifest records.
+    assert wall > load + after and after == pytest.approx(features + scoring + writing, abs=0.02)
