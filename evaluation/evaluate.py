@@ -165,10 +165,15 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
     supports = [select_support(split, settings.few_shot, settings.seed) for split in splits]
 
     start = time.perf_counter()
-    plain = list(dict.fromkeys(path for split, support in zip(splits, supports)
-                               for path, _ in [*support, *split.scored]))
+    # Each distinct image once: the support images that are not scored, then the scored ones (only
+    # these keep their feature maps for a scorer that maps).
+    scored_paths = list(dict.fromkeys(path for split in splits for path, _ in split.scored))
+    is_scored = set(scored_paths)
+    support_only = list(dict.fromkeys(path for support in supports for path, _ in support if path not in is_scored))
+    plain = support_only + scored_paths
     jigsawed = list(dict.fromkeys(path for support in supports for path, _ in support)) if needs_norms else []
-    parts = [(plain, eval_transform(settings.image_size))]
+    transform = eval_transform(settings.image_size)
+    parts = [(support_only, transform), (scored_paths, transform)]
     if needs_norms:
         # FeatureNorm's pseudo-novel images: the support images with their 3x3 tiles shuffled.
         parts.append((jigsawed, JigsawTransform(eval_transform(settings.image_size), seed=settings.seed)))
@@ -176,7 +181,11 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
     extracted = extract_image_features(fold_batchnorm(backbone), parts, settings.batch_size, settings.num_workers,
                                        device, settings.amp, return_block_norms=needs_norms,
                                        desc=f"features of {len(plain) + len(jigsawed)} images",
-                                       return_feature_maps=needs_maps)
+                                       return_feature_maps=[False, needs_maps] + [False] * needs_norms)
+    support_part, scored_part = extracted[0], extracted[1]
+    features = ImageFeatures(torch.cat([support_part.feats, scored_part.feats]),
+                             None if not needs_norms else torch.cat([support_part.block_norms,
+                                                                     scored_part.block_norms]))
     row_of = {path: row for row, path in enumerate(plain)}
     jigsaw_row_of = {path: row for row, path in enumerate(jigsawed)}
     feature_seconds = time.perf_counter() - start
@@ -186,15 +195,19 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
     results = []
     for split, support in zip(splits, supports):
         inputs = ScoringInputs(
-            support=_batch(extracted[0], [row_of[path] for path, _ in support], [label for _, label in support],
+            support=_batch(features, [row_of[path] for path, _ in support], [label for _, label in support],
                            device),
-            jigsaw=_batch(extracted[1], [jigsaw_row_of[path] for path, _ in support], None, device) if needs_norms
+            jigsaw=_batch(extracted[2], [jigsaw_row_of[path] for path, _ in support], None, device) if needs_norms
             else None,
             pair_logits=pair_logits, pair_chunk=settings.pair_chunk or default_pair_chunk(device))
         # Each process scores its shard of the scored images; the results are gathered in list order.
         shard = torch.arange(get_rank(), len(split.scored), get_world_size())
-        scored = _batch(extracted[0], [row_of[split.scored[i][0]] for i in shard.tolist()], None, device,
-                        with_maps=True)
+        rows = [row_of[split.scored[i][0]] for i in shard.tolist()]
+        scored = _batch(features, rows, None, device)
+        if scored_part.feature_maps is not None:
+            # The scored images' rows start after the support-only ones.
+            map_rows = torch.as_tensor(rows, dtype=torch.long, device=scored_part.feature_maps.device)
+            scored.feature_maps = scored_part.feature_maps.index_select(0, map_rows - len(support_only))
         labels = np.array([label for _, label in split.scored])
         for name, scorer in scorers.items():
             start = time.perf_counter()
@@ -208,16 +221,12 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
     return results
 
 
-def _batch(features: ImageFeatures, rows: List[int], labels: Optional[List[int]], device: torch.device,
-           with_maps: bool = False) -> FeatureBatch:
-    """The FeatureBatch of some rows of extracted features (with labels for a support set; with their feature
-    maps, when extracted, for `with_maps`: the scored images)."""
+def _batch(features: ImageFeatures, rows: List[int], labels: Optional[List[int]], device: torch.device) -> FeatureBatch:
+    """The FeatureBatch of some rows of extracted features (with labels for a support set)."""
     index = torch.as_tensor(rows, dtype=torch.long, device=features.feats.device)
     return FeatureBatch(features.feats.index_select(0, index),
                         None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device),
-                        None if features.block_norms is None else features.block_norms.index_select(0, index),
-                        None if features.feature_maps is None or not with_maps
-                        else features.feature_maps.index_select(0, index))
+                        None if features.block_norms is None else features.block_norms.index_select(0, index))
 
 
 def _result(split: EvalSplit, name: str, result: ScoreResult, labels: np.ndarray, n_support: int,

@@ -55,11 +55,11 @@ def train_argv(data_root, out, *extra):
             "--log_period", "2", "--save_period", "2", "--eval_period", "1000", *extra]
 
 
-def eval_argv(data_root, ckpt):
+def eval_argv(data_root, ckpt, *extra):
     """train.py --only_eval arguments on the Folder benchmark (support train/, scored target/)."""
     return ["--only_eval", "--dataset", "Folder", "--source_dir", str(data_root / "train"),
             "--target_dir", str(data_root / "target"), "--checkpoint_folder_path", str(ckpt),
-            "--image_size", "32", "--eval_batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+            "--image_size", "32", "--eval_batch_size", "4", "--num_workers", "0", "--device", "cpu", *extra]
 
 
 def run_here(argv):
@@ -302,33 +302,41 @@ def test_two_process_only_eval_gives_the_single_process_results(data, tmp_path):
     single, double = tmp_path / "ckpt1", tmp_path / "ckpt2"
     save_model_folder(str(single), ResNetBackbone("resnet18"), RelationalTransformer(512, 1, depth=1), iteration=3)
     shutil.copytree(single, double)
+    # The relational scorer, and the scorers whose inputs are gathered apart from the features: block
+    # norms of the jigsaw-shuffled support (featurenorm) and the scored images' feature maps (prototype_map,
+    # 64 px: 2 x 2 maps).
+    scorers = ("resend", "prototype_map", "featurenorm")
+    extra = ("--evaluator", ",".join(scorers), "--image_size", "64")
 
-    checked(run_command([*TORCHRUN, "train.py", *eval_argv(data, double)], timeout=LAUNCH_TIMEOUT))
+    checked(run_command([*TORCHRUN, "train.py", *eval_argv(data, double, *extra)], timeout=LAUNCH_TIMEOUT))
     # parse_command_line records the explicit flags, which --only_eval needs.
-    train.main(train.parse_command_line(eval_argv(data, single)))
+    train.main(train.parse_command_line(eval_argv(data, single, *extra)))
 
     # Same settings, so the same group name in both folders (the hash does not cover the folder).
     (group,) = os.listdir(single / "eval")
     assert os.listdir(double / "eval") == [group] and group.startswith("Folder_it3_")
-    one = json.loads((single / "eval" / group / "Folder_custom_resend.json").read_text())
-    two = json.loads((double / "eval" / group / "Folder_custom_resend.json").read_text())
-    assert one["n_known"] + one["n_unknown"] == N_SCORED and one["n_unknown"] == 7
-    for key in ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc", "n_known", "n_unknown",
-                "n_support", "extra_metrics"):
-        assert two[key] == one[key], key
-    where = {"checkpoint": None, "loaded_from": None}
-    assert {**two["settings"], **where} == {**one["settings"], **where}
-    rows_one = _read_csv(single / "eval" / group / "Folder_custom_resend_scores.csv")
-    rows_two = _read_csv(double / "eval" / group / "Folder_custom_resend_scores.csv")
-    assert len(rows_one) == len(rows_two) == N_SCORED
-    for a, b in zip(rows_one, rows_two):
-        assert (a["path"], a["label"], a["known"], a["pred"]) == (b["path"], b["label"], b["known"], b["pred"])
-        assert abs(float(a["normality"]) - float(b["normality"])) <= 1e-6, (a, b)
+    for scorer in scorers:
+        one = json.loads((single / "eval" / group / f"Folder_custom_{scorer}.json").read_text())
+        two = json.loads((double / "eval" / group / f"Folder_custom_{scorer}.json").read_text())
+        assert one["n_known"] + one["n_unknown"] == N_SCORED and one["n_unknown"] == 7
+        for key in ("auroc", "fpr95", "aupr_in", "aupr_out", "closed_set_acc", "n_known", "n_unknown",
+                    "n_support", "extra_metrics"):
+            assert two[key] == one[key], (scorer, key)
+        where = {"checkpoint": None, "loaded_from": None}
+        assert {**two["settings"], **where} == {**one["settings"], **where}
+        rows_one = _read_csv(single / "eval" / group / f"Folder_custom_{scorer}_scores.csv")
+        rows_two = _read_csv(double / "eval" / group / f"Folder_custom_{scorer}_scores.csv")
+        assert len(rows_one) == len(rows_two) == N_SCORED
+        for a, b in zip(rows_one, rows_two):
+            assert (a["path"], a["label"], a["known"], a["pred"]) == (b["path"], b["label"], b["known"], b["pred"])
+            assert abs(float(a["normality"]) - float(b["normality"])) <= 1e-6, (scorer, a, b)
+        # Not a constant: equal results mean the gathered inputs lined up.
+        assert len({round(float(row["normality"]), 6) for row in rows_one}) > N_SCORED // 2, scorer
     # Rank 0 alone wrote: one TensorBoard event file, no stray temp files.
     assert len(os.listdir(double / "tensorboard")) == 1
-    assert sorted(os.listdir(double / "eval" / group)) == ["Folder_custom_resend.json", "Folder_custom_resend_scores.csv",
-                                                           "Folder_summary.csv", "Folder_summary.json",
-                                                           "manifest.json"]
+    assert sorted(os.listdir(double / "eval" / group)) == sorted(
+        [f"Folder_custom_{scorer}{suffix}" for scorer in scorers for suffix in (".json", "_scores.csv")]
+        + ["Folder_summary.csv", "Folder_summary.json", "manifest.json"])
 
 
 # --- launchers and bad input -----------------------------------------------------------------------

@@ -308,6 +308,26 @@ def test_engine_hands_feature_maps_and_keeps_the_maps(image_tree, tmp_path):
     assert write_map_figures([mapped], str(tmp_path / "none"), 0) == []
 
 
+def test_feature_maps_are_kept_only_for_the_parts_that_ask(image_tree, tmp_path):
+    from datasets.transforms import eval_transform
+    from evaluation.features import extract_image_features
+
+    root = image_tree({"a": 3, "b": 4}, root=tmp_path / "img", size=40)
+    first = [str(root / "a" / f"img_{i:03d}.jpg") for i in range(3)]
+    second = [str(root / "b" / f"img_{i:03d}.jpg") for i in range(4)]
+    backbone = ResNetBackbone("resnet18", weights=None).eval()
+    parts = [(first, eval_transform(64)), (second, eval_transform(64))]
+    # Batches of 3 mix the two parts: the selection is per image, not per batch.
+    both = extract_image_features(backbone, parts, 3, 0, torch.device("cpu"), return_feature_maps=True)
+    only_second = extract_image_features(backbone, parts, 3, 0, torch.device("cpu"), return_feature_maps=[False, True])
+    assert only_second[0].feature_maps is None and only_second[1].feature_maps.shape == (4, 512, 2, 2)
+    assert torch.equal(only_second[1].feature_maps, both[1].feature_maps)
+    assert torch.equal(only_second[0].feats, both[0].feats) and torch.equal(only_second[1].feats, both[1].feats)
+    torch.testing.assert_close(both[0].feature_maps.float().mean(dim=(2, 3)), both[0].feats, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="return_feature_maps has 1 flags for 2 parts"):
+        extract_image_features(backbone, parts, 3, 0, torch.device("cpu"), return_feature_maps=[True])
+
+
 def test_map_figure_picks_the_extremes(tmp_path, image_tree):
     root = image_tree({"a": 5}, root=tmp_path / "img", size=24)
     paths = [str(root / "a" / f"img_{i:03d}.jpg") for i in range(5)]
