@@ -296,7 +296,7 @@ class FlowScorer(Scorer):
         # Never more than the directions the support actually spreads along (fewer than N when N < D): the
         # others belong to the residual.
         rank = int((spread > float(spread.max()) * 1e-5).sum())  # float32 rounding noise stays below
-        k = max(2, min(self.dims, y.shape[1], rank))
+        k = max(2, min(self.dims, rank))  # rank <= y.shape[1]
         self.components = directions[:, :k].float()
         self.scales = torch.sqrt(spread[:k].clamp(min=WITHIN_STD_FLOOR ** 2)).float()
         # At least 1, the within-class variance the whitening sets: with fewer support features than

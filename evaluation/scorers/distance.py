@@ -335,7 +335,7 @@ def empirical_covariance(centred: Tensor) -> Tensor:
     """sklearn's EmpiricalCovariance(assume_centered=False) of rows [n, p] (float64): the rows are re-centred
     on their mean and the covariance has the maximum-likelihood 1/n normalisation."""
     x = centred.to(torch.float64)
-    x = x - x.mean(dim=0, keepdim=True)
+    x = x - x.mean(dim=0)
     return x.T @ x / x.shape[0]
 
 
@@ -347,7 +347,7 @@ def pseudo_inverse_whitening(covariance: Tensor) -> Tensor:
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance.to(torch.float64))
     largest = eigenvalues.abs().max()
-    keep = eigenvalues.abs() > largest * covariance.shape[0] * torch.finfo(torch.float64).eps
+    keep = eigenvalues.abs() > largest * len(covariance) * torch.finfo(torch.float64).eps
     if not bool(keep.any()):
         raise ValueError("mahalanobis (oodbench): the covariance is zero, so its pseudo-inverse is zero too")
     # A kept eigenvalue is positive: the covariance is positive semi-definite and negative ones are

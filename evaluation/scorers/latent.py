@@ -198,9 +198,10 @@ class LatentVaeScorer(Scorer):
                 loss = metric_loss(z, batch_labels, margin)
                 if epoch >= self.generation_epoch and self.kl_coeff > 0 and epoch > 0:
                     loss = loss + self.kl_coeff * self._kl_to_classes(mu, log_var, z, batch_labels, prior_means)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
+                if loss.requires_grad:  # a one-sample batch without the KL term has no pair, so nothing to learn
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimiser.step()
                 sums.index_add_(0, batch_labels, z.detach())
                 counts += torch.bincount(batch_labels, minlength=n_classes).float()
             # The class Gaussians' means for the next epoch's KL term: this epoch's latents per class.

@@ -3,7 +3,8 @@
 #
 #   tests/mutation/run.sh [MODULE ...]     MODULE: metrics pairs objective state_dicts atomic_files plots
 #                                                  resend featurenorm optim engine
-#                                          (default: all ten, one after the other)
+#                                                  distance probe classifier maps density latent
+#                                          (default: all sixteen, one after the other)
 #
 # The configuration is the [mutmut] section of setup.cfg (which files are mutated, which test files
 # run). The working tree is copied to $MUTATION_WORKDIR (default /tmp/resend-mutation) and mutmut
@@ -11,10 +12,11 @@
 # into it. mutmut runs, for each mutant, only the tests that executed the mutated function.
 # One worker ($MUTATION_CHILDREN, default 1): on the development machine (2 cores) the six round-1
 # modules take 6-8 min of wall time and about 5.5 min of CPU, the four round-2 modules (resend ...
-# engine) 2-3 min and about 2.3 min of CPU. Needs mutmut 3.8 (`pip install 'mutmut==3.8.*'`; it
+# engine) 2-3 min and about 2.3 min of CPU, the six round-3 scorer modules (distance ... latent) about 7 min
+# and 7 min of CPU. Needs mutmut 3.8 (`pip install 'mutmut==3.8.*'`; it
 # is not in requirements-dev.txt: mutation testing is not part of CI). mutmut leaves decorated
 # functions and code outside functions alone: tests/mutation/hand_mutants.py covers those of the
-# round-2 modules.
+# round-2 and round-3 modules.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,10 +29,14 @@ declare -A module_of=(
   [state_dicts]=models.state_dicts [atomic_files]=utils.atomic_files [plots]=evaluation.plots
   [resend]=evaluation.scorers.resend [featurenorm]=evaluation.scorers.featurenorm [optim]=utils.optim
   [engine]=training.engine
+  [distance]=evaluation.scorers.distance [probe]=evaluation.scorers.probe
+  [classifier]=evaluation.scorers.classifier [maps]=evaluation.scorers.maps
+  [density]=evaluation.scorers.density [latent]=evaluation.scorers.latent
 )
 modules=("$@")
 [ ${#modules[@]} -eq 0 ] && modules=(metrics pairs objective state_dicts atomic_files plots
-                                     resend featurenorm optim engine)
+                                     resend featurenorm optim engine
+                                     distance probe classifier maps density latent)
 "$python" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed for $python: pip install 'mutmut==3.8.*'" >&2; exit 2; }
 for name in "${modules[@]}"; do
   [ -n "${module_of[$name]:-}" ] || { echo "unknown module '$name'; valid: ${!module_of[*]}" >&2; exit 2; }

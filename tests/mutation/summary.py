@@ -14,6 +14,10 @@ FILES = {
     # second round
     "resend": "evaluation/scorers/resend.py", "featurenorm": "evaluation/scorers/featurenorm.py",
     "optim": "utils/optim.py", "engine": "training/engine.py",
+    # third round
+    "distance": "evaluation/scorers/distance.py", "probe": "evaluation/scorers/probe.py",
+    "classifier": "evaluation/scorers/classifier.py", "maps": "evaluation/scorers/maps.py",
+    "density": "evaluation/scorers/density.py", "latent": "evaluation/scorers/latent.py",
 }
 # mutmut's exit-code meanings (mutmut.stats.status_by_exit_code) for the codes a run records.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
