@@ -77,12 +77,22 @@ def read_manifest(group: str) -> Optional[Dict[str, Any]]:
     return manifest if isinstance(manifest, dict) and "hash" in manifest else None
 
 
+SLOT_LOOKS = 5  # looks at a name that holds a folder without a readable manifest before refusing it
+
+
 def check_slot(eval_root: str, name: str, digest: str) -> None:
     """Refuse, before any scoring, a name already holding something other than this evaluation's group."""
     path = os.path.join(eval_root, name)
-    if not os.path.lexists(path):
-        return
-    manifest = read_manifest(path)
+    # A concurrent identical run may move its group aside (and another put theirs in place) between
+    # looking for the folder and reading its manifest: only a folder that stays without a readable
+    # manifest over several looks is someone else's.
+    for attempt in range(SLOT_LOOKS):
+        if not os.path.lexists(path):
+            return
+        manifest = read_manifest(path)
+        if manifest is not None:
+            break
+        time.sleep(0.01 * attempt)
     if manifest is None:
         raise GroupError(f"{path} exists and is not an evaluation group (no readable {MANIFEST_FILE}); "
                          "it is left as it is: choose another --tag or move it away")

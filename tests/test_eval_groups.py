@@ -244,3 +244,27 @@ def test_unreadable_args_json_names_the_path(tmp_path):
     (tmp_path / "args.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(RunSettingsError, match="cannot read the run's settings .*args.json"):
         read_run_args(str(tmp_path))
+
+
+def test_a_group_swapped_between_two_looks_is_not_mistaken_for_a_foreign_folder(tmp_path, monkeypatch):
+    """The race of concurrent identical runs: the name's manifest is unreadable for one look (its group
+    is being moved aside and another put in place), then readable again."""
+    import evaluation.groups as groups
+
+    eval_root = tmp_path / "eval"
+    write(eval_root, "same", "aaaaaaaa", "run 1")
+    real_read, looks = groups.read_manifest, []
+
+    def read_during_a_swap(path):
+        looks.append(path)
+        return None if len(looks) == 1 else real_read(path)
+
+    monkeypatch.setattr(groups, "read_manifest", read_during_a_swap)
+    groups.check_slot(str(eval_root), "same", "aaaaaaaa")  # no GroupError
+    assert len(looks) == 2
+    # A folder that stays without a manifest is still refused, after a few looks.
+    (eval_root / "notes").mkdir()
+    looks.clear()
+    with pytest.raises(GroupError, match="eval/notes exists and is not an evaluation group"):
+        groups.check_slot(str(eval_root), "notes", "aaaaaaaa")
+    assert len(looks) == groups.SLOT_LOOKS
