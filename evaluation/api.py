@@ -109,13 +109,17 @@ class NoveltyDetector:
             return inputs.to(self.device).float()
         return self.features(inputs)
 
-    def fit(self, support: Union[torch.Tensor, Sequence[ImageLike]], labels: Sequence[int]) -> "NoveltyDetector":
-        """Known classes from support images (or their features) and labels 0..C-1."""
+    def _support_batch(self, support: Union[torch.Tensor, Sequence[ImageLike]], labels: Sequence[int]) -> FeatureBatch:
+        """Support features with their labels, as many of each."""
         feats = self._as_features(support)
         label_tensor = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
         if label_tensor.numel() != feats.shape[0]:
             raise ValueError(f"{feats.shape[0]} support samples but {label_tensor.numel()} labels")
-        self.scorer.fit(ScoringInputs(support=FeatureBatch(feats, label_tensor), pair_logits=self._pair_logits,
+        return FeatureBatch(feats, label_tensor)
+
+    def fit(self, support: Union[torch.Tensor, Sequence[ImageLike]], labels: Sequence[int]) -> "NoveltyDetector":
+        """Known classes from support images (or their features) and labels 0..C-1."""
+        self.scorer.fit(ScoringInputs(support=self._support_batch(support, labels), pair_logits=self._pair_logits,
                                       pair_chunk=default_pair_chunk(self.device)))
         self._fitted = True
         return self
@@ -143,11 +147,7 @@ class NoveltyDetector:
             if labels is None:
                 raise ValueError("anomaly_maps: support images need their labels")
             mapper = PrototypeMapScorer()
-            feats = self._as_features(support)
-            label_tensor = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
-            if label_tensor.numel() != feats.shape[0]:
-                raise ValueError(f"{feats.shape[0]} support samples but {label_tensor.numel()} labels")
-            mapper.fit(ScoringInputs(support=FeatureBatch(feats, label_tensor)))
+            mapper.fit(ScoringInputs(support=self._support_batch(support, labels)))
         elif isinstance(self.scorer, PrototypeMapScorer) and self._fitted:
             mapper = self.scorer
         else:

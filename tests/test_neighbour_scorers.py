@@ -402,6 +402,10 @@ def test_api_returns_the_anomaly_map_of_any_image(image_tree, tmp_path):
     torch.testing.assert_close(maps.mean(dim=(2, 3)), feats, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="prototypes"):
         detector.anomaly_maps(queries)
+    with pytest.raises(ValueError, match="anomaly_maps: support images need their labels"):
+        detector.anomaly_maps(queries, support=support)
+    with pytest.raises(ValueError, match="4 support samples but 3 labels"):
+        detector.anomaly_maps(queries, support=support, labels=[0, 0, 1])
     mapper = NoveltyDetector.from_folder(str(folder), image_size=64, verbose=False, scorer="prototype_map")
     mapper.fit(support, [0, 0, 1, 1])
     torch.testing.assert_close(mapper.anomaly_maps(queries).maps, result.maps)

@@ -5,7 +5,7 @@ any data is read or any file is written.
 """
 import argparse
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def _number(text: str, kind: type) -> float:
@@ -75,3 +75,13 @@ def boolean(text: str) -> bool:
     if lowered in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected on/off (or true/false, yes/no, 1/0), got {text!r}")
+
+
+def one_of(values: Sequence[str]) -> Callable[[str], str]:
+    """A string among `values` (an argparse type: the message lists them, as argparse's `choices` does)."""
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(values)}, got {text!r}")
+        return text
+    parse.__name__ = f"one of {', '.join(values)}"
+    return parse

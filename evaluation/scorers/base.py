@@ -21,6 +21,7 @@ flags of the hyperparameters and the parametrised tests all read `SCORERS`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -158,6 +159,21 @@ def check_positive_int(value: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_non_negative_int(value: int, what: str) -> int:
+    """Return `value` if it is an int >= 0 (not a bool), else raise naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def check_number(value: float, what: str, positive: bool) -> float:
+    """Return `value` if it is a finite number > 0 (`positive`) or >= 0, else raise naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"{what} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+    return value
 
 
 def check_support(support: FeatureBatch) -> int:

@@ -4,13 +4,12 @@ OODDetectionBench runs these on a backbone fine-tuned on the support set, throug
 the backbone stays frozen and the head is the linear probe of `linear_probe` (a multinomial logistic
 regression on the standardised support features), folded into one affine map of the raw features,
 so that ReAct's clipping and ASH's pruning act on the backbone's pooled activations as in the
-originals. The four scorers fit the same head; it is fitted once per support set (`fit_linear_head`
+originals. The four scorers and `linear_probe` share one fit per support set (`fit_standardised_probe`
 keeps the last one) and each scorer only changes what is read off the logits. Every scorer's
 closed-set prediction is the head's argmax on the unmodified features.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,12 +30,8 @@ from evaluation.scorers.base import (
     register_scorer,
     require_fitted,
 )
+from evaluation.scorers.probe import fit_standardised_probe
 from utils.arg_types import positive_int
-
-# The last fitted head, keyed by a digest of the support set and max_iter: `--evaluator all` fits it
-# once for energy, max_logit, react and ash_b. One entry, so memory stays bounded.
-_HEAD_CACHE: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-
 
 def percent(text: str) -> float:
     """argparse type: a percentile in (0, 100)."""
@@ -58,38 +53,21 @@ def check_percent(value: float, what: str) -> float:
     return float(value)
 
 
-def _digest(feats: np.ndarray, labels: np.ndarray) -> str:
-    """A digest of a support set's features and labels (identifies it in the head cache)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(feats.shape).encode())
-    h.update(np.ascontiguousarray(feats).tobytes())
-    h.update(np.ascontiguousarray(labels).tobytes())
-    return h.hexdigest()
-
-
 def fit_linear_head(feats: np.ndarray, labels: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     """(weight [C, D], bias [C]) in float64 of the linear probe folded onto raw features: logits = x W' + b.
 
-    The probe is `linear_probe`'s: StandardScaler + LogisticRegression(lbfgs). Its scaling is folded in
+    The probe is `linear_probe`'s (the same fitted pipeline: `fit_standardised_probe`). Its scaling is folded in
     (W = coef / scale, b = intercept - W mean). With two classes scikit-learn keeps one decision
     function z; the two logits are then (-z/2, z/2), whose softmax is the probe's (1 - sigmoid(z),
     sigmoid(z)) and whose energy and maximum are symmetric in the two classes.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    key = (_digest(feats, labels), int(max_iter))
-    if key in _HEAD_CACHE:
-        return _HEAD_CACHE[key]
-    scaler = StandardScaler().fit(feats)
-    probe = LogisticRegression(solver="lbfgs", max_iter=max_iter).fit(scaler.transform(feats), labels)
+    pipeline = fit_standardised_probe(feats, labels, max_iter)
+    scaler, probe = pipeline[0], pipeline[-1]
     weight = probe.coef_ / scaler.scale_
     bias = probe.intercept_ - weight @ scaler.mean_
     if weight.shape[0] == 1:
         weight = np.concatenate([-weight / 2, weight / 2])
         bias = np.concatenate([-bias / 2, bias / 2])
-    _HEAD_CACHE.clear()
-    _HEAD_CACHE[key] = (weight, bias)
     return weight, bias
 
 

@@ -14,10 +14,11 @@ An untrained flow is the identity, so training (Adam on the joint log-likelihood
 from the Gaussian classifier. 10 % of each class's support features are held out of every statistic
 and of training, and the epoch with the best held-out likelihood is kept; when that is the start
 (no epoch generalised better), the Gaussian start is refitted on all the support features. A scored
-feature's normality is log p(x): the mixture marginal plus every log-determinant (flow, scaling, whitening) plus the residual's Gaussian,
-a density on the whole feature space; its prediction is the class of largest posterior. A short own
-implementation: no flow library is needed for affine couplings (the inverse and the log-determinant
-are tested against autograd, and the density is checked to integrate to one).
+feature's normality is log p(x): the mixture marginal plus every log-determinant (flow, scaling,
+whitening) plus the residual's Gaussian, a density on the whole feature space; its prediction is the
+class of largest posterior. A short own implementation: no flow library is needed for affine
+couplings (the inverse and the log-determinant are tested against autograd, and the density is
+checked to integrate to one).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from evaluation.scorers.base import (
     Scorer,
     ScoreResult,
     ScoringInputs,
+    check_non_negative_int,
+    check_number,
     check_positive_int,
     check_scored,
     check_support,
@@ -189,12 +192,8 @@ class FlowScorer(Scorer):
         for name in ("layers", "hidden", "dims", "batch_size"):
             setattr(self, name, check_positive_int(getattr(self, name), f"flow {name}"))
         for name in ("epochs", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"flow {name} must be a non-negative integer, got {value!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
-                or self.lr <= 0:
-            raise ValueError(f"flow lr must be a positive number, got {self.lr!r}")
+            check_non_negative_int(getattr(self, name), f"flow {name}")
+        check_number(self.lr, "flow lr", positive=True)
 
     def fit(self, inputs: ScoringInputs) -> None:
         """Whiten and project the support features, then train the flow and its base density."""

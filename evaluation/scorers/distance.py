@@ -9,7 +9,6 @@ give equal scores (ties stay ties).
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,7 @@ from evaluation.scorers.base import (
     register_scorer,
     require_fitted,
 )
-from utils.arg_types import boolean, positive_int
+from utils.arg_types import boolean, one_of, positive_int
 
 # Bounds the [targets, support] similarity block of the kNN scorer (float32: 64 MiB).
 KNN_BLOCK_ELEMENTS = 2 ** 24
@@ -44,11 +43,7 @@ PROTOCOL_HELP = ("whose settings the post-hoc baselines use: 'this' (this projec
                  "interpolated FPR95 column fpr95_interp)")
 
 
-def protocol_choice(text: str) -> str:
-    """argparse type of --baseline_protocol: one of PROTOCOLS."""
-    if text not in PROTOCOLS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(PROTOCOLS)}, got {text!r}")
-    return text
+protocol_choice = one_of(PROTOCOLS)  # argparse type of --baseline_protocol
 
 
 def check_protocol(value: str) -> str:

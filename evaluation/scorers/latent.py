@@ -33,6 +33,8 @@ from evaluation.scorers.base import (
     Scorer,
     ScoreResult,
     ScoringInputs,
+    check_non_negative_int,
+    check_number,
     check_positive_int,
     check_scored,
     check_support,
@@ -149,16 +151,10 @@ class LatentVaeScorer(Scorer):
         for name in ("latent_dim", "batch_classes", "sample_count", "hidden", "ae_dims"):
             setattr(self, name, check_positive_int(getattr(self, name), f"latent_vae {name}"))
         for name in ("generation_epoch", "margins_epoch", "epochs", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"latent_vae {name} must be a non-negative integer, got {value!r}")
+            check_non_negative_int(getattr(self, name), f"latent_vae {name}")
         for name, positive in (("kl_coeff", False), ("margin_jump", False), ("margin_max_distance", True),
                                ("lr", True)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (positive and value == 0):
-                raise ValueError(f"latent_vae {name} must be a {'positive' if positive else 'non-negative'} "
-                                 f"number, got {value!r}")
+            check_number(getattr(self, name), f"latent_vae {name}", positive)
         if not isinstance(self.ae_features, bool):
             raise ValueError(f"latent_vae ae_features must be True or False, got {self.ae_features!r}")
 

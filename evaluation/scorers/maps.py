@@ -14,7 +14,6 @@ maps of the pooled features (what a 32 px input gives anyway), where the scorer 
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +33,13 @@ from evaluation.scorers.base import (
     register_scorer,
     require_fitted,
 )
-from utils.arg_types import non_negative_int
+from utils.arg_types import non_negative_int, one_of
 
 REDUCTIONS = ("min", "mean")
 MAP_CHUNK = 256  # scored images per block of the [block, C, h, w] cosine tensor
 
 
-def reduction_choice(text: str) -> str:
-    """argparse type of --map_reduction."""
-    if text not in REDUCTIONS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(REDUCTIONS)}, got {text!r}")
-    return text
+reduction_choice = one_of(REDUCTIONS)  # argparse type of --map_reduction
 
 
 def novelty_maps(feature_maps: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:

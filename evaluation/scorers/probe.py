@@ -7,6 +7,7 @@ refuses for 3+ classes; `OneVsRestClassifier` computes the same probabilities).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,39 @@ from evaluation.scorers.base import (
     require_fitted,
 )
 from utils.arg_types import positive_int
+
+# The last fitted probe, keyed by a digest of the support set and max_iter: `--evaluator all` fits it once
+# for linear_probe and the logit scorers on its head (energy, max_logit, react, ash_b). One entry, so
+# memory stays bounded.
+_PROBE_CACHE: dict[tuple[str, int], Any] = {}
+
+
+def _digest(feats: np.ndarray, labels: np.ndarray) -> str:
+    """A digest of a support set's features and labels (identifies it in the probe cache)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(feats.shape).encode())
+    h.update(np.ascontiguousarray(feats).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()
+
+
+def fit_standardised_probe(feats: np.ndarray, labels: np.ndarray, max_iter: int) -> Any:
+    """StandardScaler + LogisticRegression(lbfgs, max_iter) fitted on float64 support features and labels.
+
+    The fitted pipeline is reused for the same support set and max_iter (it is not modified after the fit).
+    lbfgs has no randomness, so the probe is deterministic for given features.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    key = (_digest(feats, labels), int(max_iter))
+    if key not in _PROBE_CACHE:
+        pipeline = make_pipeline(StandardScaler(), LogisticRegression(solver="lbfgs", max_iter=max_iter))
+        pipeline.fit(feats, labels)
+        _PROBE_CACHE.clear()
+        _PROBE_CACHE[key] = pipeline
+    return _PROBE_CACHE[key]
 
 
 @register_scorer("linear_probe", "max class probability of a logistic regression on the support features")
@@ -49,16 +83,13 @@ class LinearProbeScorer(Scorer):
 
     def fit(self, inputs: ScoringInputs) -> None:
         """StandardScaler + LogisticRegression(lbfgs); needs at least two classes."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         n_classes = check_support(inputs.support)
         if n_classes < 2:
             raise ValueError("linear_probe needs at least two support classes, got one")
         feats = inputs.support.feats.detach().to(torch.float64).cpu().numpy()
         labels = inputs.support.labels.detach().long().cpu().numpy()
         if self.baseline_protocol == "oodbench":
+            from sklearn.linear_model import LogisticRegression
             from sklearn.multiclass import OneVsRestClassifier
 
             # liblinear's coordinate order is seeded (random_state 0), so this probe is deterministic too.
@@ -68,9 +99,7 @@ class LinearProbeScorer(Scorer):
             self.pipeline.fit(feats, labels)
             self.feat_dim = inputs.support.feats.shape[1]
             return
-        # lbfgs has no randomness, so the probe is deterministic for given features.
-        self.pipeline = make_pipeline(StandardScaler(), LogisticRegression(solver="lbfgs", max_iter=self.max_iter))
-        self.pipeline.fit(feats, labels)
+        self.pipeline = fit_standardised_probe(feats, labels, self.max_iter)
         self.feat_dim = inputs.support.feats.shape[1]
 
     def score(self, scored: FeatureBatch) -> ScoreResult:
