@@ -1,12 +1,16 @@
 """ReSeND: train the relational novelty detector on image pairs, or evaluate a checkpoint.
 
-Launch commands (see README.md for data layout and recipes):
+Launch commands (see README.md and docs/ for data layout and recipes):
 
     # the embedded demo: trains on scikit-learn's digits and scores novel digits (CPU, minutes)
     python train.py --demo
 
     # evaluate the authors' released checkpoint on every PACS target
     python train.py --dataset PACS_DG --target all --only_eval \
+        --checkpoint_folder_path outputs/ImageNet_resnet18_rel_transformer/
+
+    # one deployable file (a torch.export .pt2 with the class prototypes of a target's support set)
+    python train.py --export detector.pt2 --dataset PACS_DG --target ArtPainting \
         --checkpoint_folder_path outputs/ImageNet_resnet18_rel_transformer/
 
     # the paper's training run: 16 GPUs x 256 pairs, LARS, 13k iterations
@@ -31,7 +35,7 @@ if __name__ == "__main__" and torchvision_problem():
     sys.exit(f"error: {torchvision_problem()}")
 
 from datasets.benchmarks import benchmark_names  # noqa: E402
-from datasets.image_lists import DataError, load_truncated_images  # noqa: E402
+from datasets.image_lists import DataError  # noqa: E402
 from datasets.train_lists import training_set_names, training_uses_target  # noqa: E402
 from evaluation.scorers import SCORERS, scorer_flags  # noqa: E402
 from utils.distributed import add_distributed_args, cleanup, init_distributed_mode  # noqa: E402
@@ -177,6 +181,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--only_eval", action="store_true", help="evaluate --checkpoint_folder_path")
+    evaluation.add_argument("--export", default=None, metavar="PATH",
+                            help="write --checkpoint_folder_path as one deployable file (a torch.export .pt2: "
+                                 "backbone, relational module and the resend class prototypes of the support set "
+                                 "of --dataset/--target or --source_dir, with its metadata), loadable with "
+                                 "torch.export.load without this repository")
     evaluation.add_argument("--eval_batch_size", type=positive_int, default=256)
     evaluation.add_argument("--few_shot", type=positive_int, default=None, help="N random support images per class")
     evaluation.add_argument("--most_significant_prototypes", action="store_true",
@@ -192,6 +201,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  "(default: the one the flags above select)")
     evaluation.add_argument("--backbone_only", action="store_true",
                             help="evaluate the baselines on the --backbone_weights backbone alone, no checkpoint")
+    evaluation.add_argument("--backbone_checkpoint", default=None, metavar="PATH",
+                            help="evaluate with the backbone of this file instead of the checkpoint's, under the "
+                                 "relational module of --checkpoint_folder_path (--only_eval) or the one being "
+                                 "trained (periodic evaluation); with --backbone_only, the backbone evaluated. "
+                                 "A torchvision/timm ResNet state dict (a classifier's fc.* is dropped; also "
+                                 "under 'state_dict' or 'model', 'module.' prefix removed; .safetensors) or a "
+                                 "feature_extractor.pkl; its SHA-256 is recorded and the result group is named "
+                                 "..._bb-<file stem>_<hash8>")
     evaluation.add_argument("--tag", default=None,
                             help="--only_eval: name of the result group under <folder>/eval/ (letters, digits, "
                                  "'.', '_', '-'); default <dataset>_it<iteration>_<hash of the settings>")
@@ -233,18 +250,21 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
     """Refuse settings that involve several flags; each flag's own range is checked by the parser."""
     if args.min_scale > args.max_scale:
         raise UsageError(f"--min_scale {args.min_scale} is larger than --max_scale {args.max_scale}")
-    if args.target is not None and not args.only_eval and not training_uses_target(args.dataset):
+    if args.target is not None and not (args.only_eval or args.export) and not training_uses_target(args.dataset):
         # The run folder is named after the target, so an ignored target would still mislabel the run.
         choosers = [name for name in training_set_names() if training_uses_target(name)]
         raise UsageError(f"--target {args.target} has no meaning when training on {args.dataset}; "
                          f"--target selects the training target of {', '.join(choosers)} "
                          "or, with --only_eval, the target to score")
+    if args.backbone_checkpoint is not None and args.only_eval and args.backbone_only \
+            and "backbone_weights" in getattr(args, "explicit_flags", ()):
+        raise UsageError("--backbone_weights and --backbone_checkpoint both name the backbone of --backbone_only; "
+                         "give one")
 
 
 def main(args: argparse.Namespace) -> None:
-    """Set up processes, then evaluate (--only_eval) or train."""
+    """Set up processes, then export (--export), evaluate (--only_eval) or train."""
     check_flag_combinations(args)
-    load_truncated_images(args.load_truncated_images)
     set_quiet(args.quiet)
     if args.device == "cpu" or not torch.cuda.is_available():
         # Saturated sigmoid gradients become denormal floats, which made CPU steps ~30x slower on
@@ -256,7 +276,10 @@ def main(args: argparse.Namespace) -> None:
     init_distributed_mode(args)
     resolve_num_workers(args)
     try:
-        if args.only_eval:
+        if args.export is not None:
+            from evaluation.export_run import run_export
+            run_export(args)
+        elif args.only_eval:
             from evaluation.run import run_only_eval
             run_only_eval(args)
         elif args.demo:

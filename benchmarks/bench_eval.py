@@ -9,8 +9,8 @@
 
 Sections:
   (a) `ResNetBackbone` forward alone on preprocessed batches: fp32 NCHW, channels_last, BatchNorm
-      folded (what evaluate_split runs), bf16.
-  (b) the full `evaluate_split` on a generated `Folder` tree (JPEGs, 256 px, textured) at each
+      folded (what evaluate_splits runs), bf16.
+  (b) the full `evaluate_splits` on a generated `Folder` tree (JPEGs, 256 px, textured) at each
       number of known classes (prototypes), with the DataLoader timed alone next to it.
   (c) the authors' evaluation structure re-created here (batch-1 backbone calls, fp32 NCHW; per
       scored image one relational call per prototype, and again with its prototypes in one call),
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.benchmarks import EvalSplit, get_eval_split  # noqa: E402
 from datasets.image_lists import ImageListDataset, Sample  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
-from evaluation.evaluate import EvalResult, EvalSettings, evaluate_split  # noqa: E402
-from evaluation.features import extract_features  # noqa: E402
+from evaluation.evaluate import EvalResult, EvalSettings, evaluate_splits  # noqa: E402
+from evaluation.features import extract_image_features  # noqa: E402
 from models.backbone import ResNetBackbone, fold_batchnorm  # noqa: E402
 from models.checkpoint import LoadedModel, load_model_folder, save_model_folder  # noqa: E402
 from models.relational import RelationalTransformer  # noqa: E402
@@ -148,9 +148,9 @@ def backbone_section(model: LoadedModel, args: argparse.Namespace) -> None:
         ("fp32 NCHW, batch 1 (the authors' calls)", backbone, single, "none", args.repeats * 5),
         ("fp32 NCHW", backbone, batch, "none", args.repeats),
         ("fp32 channels_last input", backbone, cl_batch, "none", args.repeats),
-        ("fp32 channels_last, BN folded (as evaluate_split)", folded, cl_batch, "none", args.repeats),
+        ("fp32 channels_last, BN folded (as evaluate_splits)", folded, cl_batch, "none", args.repeats),
         ("bf16 autocast channels_last input", backbone, cl_batch, "bf16", args.repeats),
-        ("bf16 channels_last, BN folded (as evaluate_split)", folded, cl_batch, "bf16", args.repeats),
+        ("bf16 channels_last, BN folded (as evaluate_splits)", folded, cl_batch, "bf16", args.repeats),
     ]
     for name, module, images, amp, repeats in variants:
         seconds = time_backbone(module, images, amp, repeats)
@@ -159,7 +159,7 @@ def backbone_section(model: LoadedModel, args: argparse.Namespace) -> None:
 
 
 def time_loader(samples: Sequence[Sample], settings: EvalSettings) -> float:
-    """Seconds to iterate a DataLoader built as extract_features builds it (decode, resize, normalise)."""
+    """Seconds to iterate a DataLoader built as extract_image_features builds it (decode, resize, normalise)."""
     dataset = ImageListDataset(list(samples), eval_transform(settings.image_size))
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False,
                         num_workers=settings.num_workers, persistent_workers=False)
@@ -228,9 +228,9 @@ def authors_subset(split: EvalSplit, n_support: int, n_scored: int) -> Tuple[Lis
 # Sections (b) and (c).
 
 def run_eval(model: LoadedModel, split: EvalSplit, settings: EvalSettings) -> Tuple[float, EvalResult]:
-    """(wall seconds, ReSeND result) of one evaluate_split call with the default `resend` scorer."""
+    """(wall seconds, ReSeND result) of one evaluate_splits call with the default `resend` scorer."""
     start = time.perf_counter()
-    (result,) = evaluate_split(model.backbone, model.relational, split, settings, CPU)
+    (result,) = evaluate_splits([split], model.backbone, model.relational, settings, CPU)
     return time.perf_counter() - start, result
 
 
@@ -249,7 +249,7 @@ def pipeline_section(model: LoadedModel, split: EvalSplit, args: argparse.Namesp
           f"{loader_s:.2f} s = {1000 * loader_s / n_images:.2f} ms/img, {n_images / loader_s:.1f} img/s")
     figures["loader_ms"] = 1000 * loader_s / n_images
 
-    print(f"{'(b) evaluate_split':<22} {'wall s':>7} {'ms/img':>7} {'img/s':>7} {'features s':>10} "
+    print(f"{'(b) evaluate_splits':<22} {'wall s':>7} {'ms/img':>7} {'img/s':>7} {'features s':>10} "
           f"{'scoring s':>9} {'scoring %':>9} {'auroc':>7}")
     results = {}
     for amp in args.amps:
@@ -296,7 +296,7 @@ def pipeline_section(model: LoadedModel, split: EvalSplit, args: argparse.Namesp
     for amp, (wall, _) in results.items():
         figures[f"speedup_{amp}"] = authors_total / wall
         figures[f"speedup_batched_{amp}"] = figures["authors_batched_s"] / wall
-        print(f"    speed-up of evaluate_split amp {amp}: {authors_total / wall:.2f}x over the per-prototype loop, "
+        print(f"    speed-up of evaluate_splits amp {amp}: {authors_total / wall:.2f}x over the per-prototype loop, "
               f"{figures['authors_batched_s'] / wall:.2f}x over the batched-prototype loop, "
               f"{AUTHORS_REFERENCE_MS * n_images / 1000 / wall:.2f}x over the issue's "
               f"{AUTHORS_REFERENCE_MS:.0f} ms/img reference")
@@ -346,8 +346,9 @@ def agreement_section(model: LoadedModel, split: EvalSplit, args: argparse.Names
           f"(max |diff| / std = {normality_gap / max(spread, 1e-30):.2f})")
 
     samples = (split.support + split.scored)[: args.agreement_feature_images]
-    feats = {amp: extract_features(model.backbone, samples, size, args.batch_size, args.num_workers, CPU,
-                                   amp).feats for amp in ("none", "bf16")}
+    parts = [([path for path, _ in samples], eval_transform(size))]
+    feats = {amp: extract_image_features(model.backbone, parts, args.batch_size, args.num_workers, CPU, amp)[0].feats
+             for amp in ("none", "bf16")}
     relative = torch.linalg.vector_norm(feats["bf16"] - feats["none"], dim=1) / torch.linalg.vector_norm(
         feats["none"], dim=1).clamp(min=1e-12)
     print(f"backbone features of {len(samples)} images: relative L2 difference per image "
@@ -358,7 +359,7 @@ def agreement_section(model: LoadedModel, split: EvalSplit, args: argparse.Names
 # ---------------------------------------------------------------------------------------------
 
 def profile_eval(model: LoadedModel, split: EvalSplit, args: argparse.Namespace, amp: str) -> None:
-    """torch.profiler over one evaluate_split call: the top operators by self CPU time."""
+    """torch.profiler over one evaluate_splits call: the top operators by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     settings = EvalSettings(image_size=args.image_size, batch_size=args.batch_size,
@@ -366,13 +367,13 @@ def profile_eval(model: LoadedModel, split: EvalSplit, args: argparse.Namespace,
     run_eval(model, split, settings)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run_eval(model, split, settings)
-    print(f"\n## profile of evaluate_split ({split.known_classes} classes, amp {amp}): top operators")
+    print(f"\n## profile of evaluate_splits ({split.known_classes} classes, amp {amp}): top operators")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
 def summary(all_figures: List[Dict[str, object]], gap: Optional[float]) -> None:
     """The targets, met or missed, against the re-created loops and against the issue's reference figure."""
-    print("\n## summary: speed-up = authors' time / evaluate_split wall time over the same support + scored "
+    print("\n## summary: speed-up = authors' time / evaluate_splits wall time over the same support + scored "
           "images; 'loop' = the per-prototype loop of (c), 'batched' = the batched-prototype loop of (c), "
           f"'{AUTHORS_REFERENCE_MS:.0f}' = the issue's {AUTHORS_REFERENCE_MS:.0f} ms/img (a PACS figure: 6 "
           "prototypes, 224 px)")
@@ -439,7 +440,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--agreement_feature_images", type=int, default=256,
                         help="(d) images whose features are compared")
     parser.add_argument("--profile", nargs="*", default=None, choices=["none", "bf16"],
-                        help="print torch.profiler top operators of evaluate_split for these amp modes")
+                        help="print torch.profiler top operators of evaluate_splits for these amp modes")
     parser.add_argument("--profile_rows", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.evaluate import default_pair_chunk, relational_pair_logits  # noqa: E402
 from evaluation.metrics import auroc  # noqa: E402
-from evaluation.scorers import SCORERS, FeatureBatch, ScoringInputs, build_scorer  # noqa: E402
+from evaluation.scorers import SCORERS, FeatureBatch, ScoringInputs, build_scorer, fit_scorer  # noqa: E402
 from models.relational import RelationalTransformer  # noqa: E402
 
 # Every registered scorer without the relational module, then ReSeND's default one.
@@ -78,7 +78,7 @@ def time_scorer(name: str, split: dict, options: dict, pair_logits, pair_chunk: 
                            pair_logits=pair_logits, pair_chunk=pair_chunk)
     synchronize(device)
     start = time.perf_counter()
-    scorer.fit(inputs)
+    fit_scorer(scorer, inputs)  # as the engine fits it: with the scorer's fit_threads
     synchronize(device)
     fitted = time.perf_counter()
     result = scorer.score(FeatureBatch(on["targets"], block_norms=on["target_norms"],

@@ -20,7 +20,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.image_lists import DataError, truncated_images_allowed
+from datasets.image_lists import DataError
 from datasets.pairs import PairDataset
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -132,8 +132,9 @@ def decode_images(datas: Sequence[torch.Tensor], paths: Sequence[str], device: t
     return images
 
 
-def read_image_bytes(path: str) -> bytes:
-    """A file's bytes; a JPEG cut before its end-of-image marker is refused as `load_image` refuses it."""
+def read_image_bytes(path: str, load_truncated: bool = False) -> bytes:
+    """A file's bytes; a JPEG cut before its end-of-image marker is refused as `load_image` refuses it
+    (unless `load_truncated`: --load_truncated_images)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -141,7 +142,7 @@ def read_image_bytes(path: str) -> bytes:
         raise DataError(f"cannot read image {path}: {error}") from error
     # A JPEG ends with FF D9; a file cut short lacks it (the check PIL's strict decoding makes).
     if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9") \
-            and not truncated_images_allowed():
+            and not load_truncated:
         raise DataError(f"cannot read image {path}: image file is truncated (no JPEG end marker)")
     return data
 
@@ -151,7 +152,7 @@ class PairBytesDataset(Dataset):
 
     Item i: (bytes_a, bytes_b, params_a, params_b, anchor_class, relation, path_a, path_b), the
     parameters drawn in the order `PairDataset` transforms its two images (a, then b), so that under
-    the same per-item seed both datasets augment alike.
+    the same per-item seed both datasets augment alike. Truncated files follow `pairs.load_truncated`.
     """
 
     def __init__(self, pairs: PairDataset, settings: AugmentSettings) -> None:
@@ -166,7 +167,7 @@ class PairBytesDataset(Dataset):
         path_b, _ = self.pairs.samples[self.pairs.other_idx[i]]
         item = []
         for path in (path_a, path_b):
-            data = read_image_bytes(path)
+            data = read_image_bytes(path, self.pairs.load_truncated)
             item.append((torch.frombuffer(bytearray(data), dtype=torch.uint8),
                          draw_params(*image_size_of(data, path), self.settings)))
         (data_a, params_a), (data_b, params_b) = item

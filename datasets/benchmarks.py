@@ -185,10 +185,6 @@ for _row in (
     register_benchmark(_row)
 
 
-EVAL_DATASETS = tuple(BENCHMARKS)
-"""The names of the built-in benchmarks (`benchmark_names()` also sees ones registered later)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Names and targets.
 

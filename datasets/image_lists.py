@@ -124,33 +124,22 @@ def check_files_exist(samples: Sequence[Sample]) -> None:
         raise DataError(f"{len(missing)} listed image(s) do not exist: {shown}{suffix}")
 
 
-# Whether a truncated image is decoded with its missing part grey (the authors' code sets Pillow's
-# LOAD_TRUNCATED_IMAGES globally) instead of being an error. Off by default: a grey-filled image is
-# scored or trained on as if it were data. DataLoader workers inherit it (fork start method).
-_truncated_policy = {"load": False, "warned": set()}
+# Truncated files already named in a warning by this process (each is named once per process).
+_warned_truncated: set[str] = set()
 
 
-def load_truncated_images(enabled: bool) -> None:
-    """Choose whether `load_image` decodes truncated files grey-filled (with a warning) or refuses them."""
-    _truncated_policy["load"] = bool(enabled)
-
-
-def truncated_images_allowed() -> bool:
-    """Whether truncated images are decoded (--load_truncated_images) rather than refused."""
-    return _truncated_policy["load"]
-
-
-def load_image(path: str) -> Image.Image:
+def load_image(path: str, load_truncated: bool = False) -> Image.Image:
     """Open an image file as RGB; raise DataError naming the path if it cannot be read whole.
 
-    A truncated file (a JPEG cut anywhere, even only its end marker) is an error unless
-    `load_truncated_images(True)`; then it is decoded with the missing part grey and named in a warning.
+    A truncated file (a JPEG cut anywhere, even only its end marker) is an error unless `load_truncated`
+    (--load_truncated_images, the authors' behaviour): then it is decoded with the missing part grey and
+    named in a warning. Off by default: a grey-filled image is scored or trained on as if it were data.
     """
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        if _truncated_policy["load"] and "truncated" in str(error):
+        if load_truncated and "truncated" in str(error):
             return _load_truncated(path)
         raise DataError(f"cannot read image {path}: {error}") from error
 
@@ -166,23 +155,28 @@ def _load_truncated(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {error}") from error
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
-    if path not in _truncated_policy["warned"]:
-        _truncated_policy["warned"].add(path)
+    if path not in _warned_truncated:
+        _warned_truncated.add(path)
         warnings.warn(f"{path} is truncated; its missing part is decoded grey (--load_truncated_images)",
                       stacklevel=2)
     return decoded
 
 
 class ImageListDataset(Dataset):
-    """Dataset over (path, label) samples returning (transformed image, label, index)."""
+    """Dataset over (path, label) samples returning (transformed image, label, index).
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+    `load_truncated` (see `load_image`) is stored on the dataset, so that DataLoader workers get it
+    with the dataset whatever their start method (fork, or spawn: the macOS default).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, load_truncated: bool = False) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.load_truncated = load_truncated
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        return self.transform(load_image(path)), label, index
+        return self.transform(load_image(path, self.load_truncated)), label, index

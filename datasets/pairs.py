@@ -114,10 +114,14 @@ def pass_rng(seed: int, pass_index: int) -> np.random.Generator:
 
 
 class PairDataset(Dataset):
-    """Image pairs `(img_a, img_b, anchor_class, relation)` indexed by the arrays from `make_pairs`."""
+    """Image pairs `(img_a, img_b, anchor_class, relation)` indexed by the arrays from `make_pairs`.
+
+    `load_truncated` (see `datasets.image_lists.load_image`) travels with the dataset to the workers.
+    """
 
     def __init__(self, samples: Sequence[tuple[str, int]], anchor_idx: np.ndarray,
-                 other_idx: np.ndarray, relation: np.ndarray, transform: Callable) -> None:
+                 other_idx: np.ndarray, relation: np.ndarray, transform: Callable,
+                 load_truncated: bool = False) -> None:
         """Check that the pair arrays match each other and index into `samples`."""
         arrays = {"anchor_idx": np.asarray(anchor_idx), "other_idx": np.asarray(other_idx),
                   "relation": np.asarray(relation)}
@@ -138,6 +142,7 @@ class PairDataset(Dataset):
         self.other_idx = arrays["other_idx"]
         self.relation = arrays["relation"]
         self.transform = transform
+        self.load_truncated = load_truncated
 
     def __len__(self) -> int:
         """Number of pairs."""
@@ -147,6 +152,6 @@ class PairDataset(Dataset):
         """Load and transform both images of pair `i`; each image gets its own random augmentation."""
         path_a, anchor_class = self.samples[self.anchor_idx[i]]
         path_b, _ = self.samples[self.other_idx[i]]
-        img_a = self.transform(load_image(path_a))
-        img_b = self.transform(load_image(path_b))
+        img_a = self.transform(load_image(path_a, self.load_truncated))
+        img_b = self.transform(load_image(path_b, self.load_truncated))
         return img_a, img_b, int(anchor_class), int(self.relation[i])

@@ -16,8 +16,8 @@ from PIL import Image
 from datasets.image_lists import load_image
 from datasets.transforms import eval_transform
 from evaluation.evaluate import default_pair_chunk, relational_pair_logits
-from evaluation.run_settings import loaded_from, loaded_line, model_facts, resolve_run_settings
-from evaluation.scorers import FeatureBatch, ScoreResult, Scorer, ScoringInputs, build_scorer
+from evaluation.run_settings import backbone_record, loaded_from, loaded_line, model_facts, resolve_run_settings
+from evaluation.scorers import FeatureBatch, ScoreResult, Scorer, ScoringInputs, build_scorer, fit_scorer
 from evaluation.scorers.maps import PrototypeMapScorer
 from models.backbone import fold_batchnorm
 from models.checkpoint import LoadedModel, load_model_folder
@@ -30,8 +30,11 @@ class NoveltyDetector:
     """ReSeND as a library: features of images, prototypes of known classes, normality scores."""
 
     def __init__(self, model: LoadedModel, device: Union[str, torch.device] = "cpu", amp: str = "none",
-                 image_size: int = 224, scorer: str = "resend", nnk: int = 1, batch_size: int = 64) -> None:
+                 image_size: int = 224, scorer: str = "resend", nnk: int = 1, batch_size: int = 64,
+                 load_truncated_images: bool = False) -> None:
         self.model = model
+        # As train.py's --load_truncated_images: decode truncated image files grey-filled (warned) instead of refusing.
+        self.load_truncated_images = load_truncated_images
         self.device = torch.device(device)
         self.amp = amp
         self.image_size = image_size
@@ -51,23 +54,28 @@ class NoveltyDetector:
         self.settings: Dict[str, Any] = {"checkpoint": model.folder, "loaded_from": loaded_from(model),
                                          "iteration": model.iteration,
                                          **model_facts(model.backbone, model.relational),
+                                         **backbone_record(model.backbone_file),
                                          "image_size": image_size, "run_args": None, "overrides": {}}
 
     @classmethod
     def from_folder(cls, folder: str, device: Union[str, torch.device] = "cpu", n_heads: Optional[int] = None,
-                    image_size: Optional[int] = None, verbose: bool = True, **kwargs: Any) -> "NoveltyDetector":
+                    image_size: Optional[int] = None, verbose: bool = True, backbone_checkpoint: Optional[str] = None,
+                    **kwargs: Any) -> "NoveltyDetector":
         """Load a checkpoint folder (authors' or ours) with the settings its `args.json` records.
 
         `n_heads` and `image_size` given here override `args.json` (reported as overrides); a folder
-        without it (the authors' release) gets 12 heads and 224 px. With `verbose`, prints where the
-        settings and the weights came from. `detector.settings` records all of it.
+        without it (the authors' release) gets 12 heads and 224 px. `backbone_checkpoint` (a ResNet
+        state-dict file, e.g. a classifier fine-tuned on the known classes; see models.backbone_file)
+        replaces the folder's backbone under its relational module. With `verbose`, prints where the
+        settings and the weights came from. `detector.settings` records all of it (with a backbone
+        file: its path, SHA-256 and the loaded line).
         """
         given = {"image_size": 224 if image_size is None else image_size,
                  "transf_n_heads": 12 if n_heads is None else n_heads}
         explicit = {name for name, value in (("image_size", image_size), ("transf_n_heads", n_heads))
                     if value is not None}
         run = resolve_run_settings(folder, given, explicit, keywords=True)
-        model = load_model_folder(folder, n_heads=run.n_heads, device=str(device))
+        model = load_model_folder(folder, n_heads=run.n_heads, device=str(device), backbone_file=backbone_checkpoint)
         if verbose:
             for line in [*run.messages, loaded_line(model)]:
                 print(line, flush=True)
@@ -80,8 +88,8 @@ class NoveltyDetector:
         """(features [N, D], last feature maps [N, D, h, w] float32 or None) of image paths or PIL images."""
         feats, maps = [], []
         for start in range(0, len(images), self.batch_size):
-            batch = [self.transform(load_image(x) if isinstance(x, str) else x.convert("RGB"))
-                     for x in images[start:start + self.batch_size]]
+            batch = [self.transform(load_image(x, self.load_truncated_images) if isinstance(x, str)
+                                    else x.convert("RGB")) for x in images[start:start + self.batch_size]]
             pixels = torch.stack(batch).to(self.device).contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
                 out = self._backbone(pixels, return_feature_map=with_maps)
@@ -119,8 +127,10 @@ class NoveltyDetector:
 
     def fit(self, support: Union[torch.Tensor, Sequence[ImageLike]], labels: Sequence[int]) -> "NoveltyDetector":
         """Known classes from support images (or their features) and labels 0..C-1."""
-        self.scorer.fit(ScoringInputs(support=self._support_batch(support, labels), pair_logits=self._pair_logits,
-                                      pair_chunk=default_pair_chunk(self.device)))
+        # A fresh FitCache per fit (ScoringInputs' default): nothing fitted on an earlier support set is reused.
+        inputs = ScoringInputs(support=self._support_batch(support, labels), pair_logits=self._pair_logits,
+                               pair_chunk=default_pair_chunk(self.device))
+        fit_scorer(self.scorer, inputs)
         self._fitted = True
         return self
 

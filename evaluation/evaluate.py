@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from datasets.benchmarks import EvalSplit, get_eval_split, resolve_targets
-from datasets.image_lists import check_files_exist
+from datasets.image_lists import Sample, check_files_exist
 from datasets.transforms import eval_transform
 from evaluation.features import ImageFeatures, extract_image_features
 from evaluation.jigsaw import JigsawTransform
 from evaluation.metrics import compute_metrics, fpr_at_95_tpr_interpolated
-from evaluation.scorers import FeatureBatch, ScoreResult, ScoringInputs, build_scorer
+from evaluation.scorers import (FeatureBatch, FitCache, PairLogits, Scorer, ScoreResult, ScoringInputs, build_scorer,
+                                fit_scorer)
 from evaluation.scorers.base import check_positive_int
 from models.backbone import ResNetBackbone, fold_batchnorm
 from utils.distributed import gather_by_index, get_rank, get_world_size, is_main_process
@@ -50,6 +51,7 @@ class EvalSettings:
     # Values of the scorers' hyperparameter flags (e.g. {"NNK": 5}); absent ones take their defaults.
     scorer_options: Dict[str, Any] = field(default_factory=dict)
     pair_chunk: Optional[int] = None  # None: default_pair_chunk(device)
+    load_truncated_images: bool = False  # decode truncated image files grey-filled instead of refusing them
 
 
 @dataclass
@@ -136,10 +138,63 @@ def validate_split(split: EvalSplit) -> None:
     check_files_exist(split.scored)
 
 
-def evaluate_split(backbone: ResNetBackbone, relational: Optional[torch.nn.Module],
-                   split: EvalSplit, settings: EvalSettings, device: torch.device) -> List[EvalResult]:
-    """Score one split with every scorer of `settings.scorers` (see `evaluate_splits`)."""
-    return evaluate_splits([split], backbone, relational, settings, device)
+@dataclass
+class FeaturePlan:
+    """Which images go through the backbone, with which transform, and which rows each split reads.
+
+    Each distinct image once: the support images that are not scored, then the scored ones (with the
+    evaluation transform; only the scored ones keep their feature maps, for a scorer that maps), then,
+    for block-norm scorers, every support image again with its 3x3 tiles shuffled.
+    """
+
+    supports: List[List[Sample]]  # each split's support samples used (all, or --few_shot ones)
+    support_only: List[str]
+    scored: List[str]
+    jigsawed: List[str]  # empty unless a scorer needs block norms
+    needs_norms: bool
+    needs_maps: bool
+
+    @property
+    def plain(self) -> List[str]:
+        """The images with the evaluation transform, in row order: support-only, then scored."""
+        return self.support_only + self.scored
+
+
+@dataclass
+class PlannedFeatures:
+    """The backbone's output for a FeaturePlan, addressed by image path."""
+
+    plan: FeaturePlan
+    plain: ImageFeatures  # rows: plan.plain (features, and block norms if needed)
+    jigsaw: Optional[ImageFeatures]  # rows: plan.jigsawed
+    scored_maps: Optional[torch.Tensor]  # rows: plan.scored (scorers that map)
+    seconds: float
+    row_of: Dict[str, int] = field(init=False)
+    jigsaw_row_of: Dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.row_of = {path: row for row, path in enumerate(self.plan.plain)}
+        self.jigsaw_row_of = {path: row for row, path in enumerate(self.plan.jigsawed)}
+
+    def support_batch(self, support: List[Sample], device: torch.device) -> FeatureBatch:
+        """The labelled FeatureBatch of a split's support samples."""
+        return _batch(self.plain, [self.row_of[path] for path, _ in support], [label for _, label in support], device)
+
+    def jigsaw_batch(self, support: List[Sample], device: torch.device) -> Optional[FeatureBatch]:
+        """The FeatureBatch of a split's jigsaw-shuffled support images (None when no scorer needs them)."""
+        if self.jigsaw is None:
+            return None
+        return _batch(self.jigsaw, [self.jigsaw_row_of[path] for path, _ in support], None, device)
+
+    def scored_batch(self, paths: List[str], device: torch.device) -> FeatureBatch:
+        """The FeatureBatch of scored images (with their feature maps when they were kept)."""
+        rows = [self.row_of[path] for path in paths]
+        batch = _batch(self.plain, rows, None, device)
+        if self.scored_maps is not None:
+            # The scored images' rows start after the support-only ones.
+            map_rows = torch.as_tensor(rows, dtype=torch.long, device=self.scored_maps.device)
+            batch.feature_maps = self.scored_maps.index_select(0, map_rows - len(self.plan.support_only))
+        return batch
 
 
 def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relational: Optional[torch.nn.Module],
@@ -152,72 +207,91 @@ def evaluate_splits(splits: List[EvalSplit], backbone: ResNetBackbone, relationa
     of the scored images. Returns one result per (split, scorer) on rank 0, none on the other ranks.
     `relational` may be None (`--backbone_only`) when only post-hoc baselines are asked for.
     """
+    scorers = build_scorers(splits, relational, settings)
+    plan = plan_features(splits, scorers, settings)
+    features = extract_planned_features(plan, backbone, settings, device)
+    pair_logits = None if relational is None else relational_pair_logits(relational, device, settings.amp)
+    fits = FitCache()  # one for the whole evaluation: e.g. the linear probe fitted once per support set
+    return [result for split, support in zip(splits, plan.supports)
+            for result in score_split(split, support, features, scorers, settings, device, pair_logits, fits)]
+
+
+def build_scorers(splits: List[EvalSplit], relational: Optional[torch.nn.Module],
+                  settings: EvalSettings) -> Dict[str, Scorer]:
+    """Every scorer of `settings.scorers`, after checking the splits; built first, so that a bad
+    hyperparameter fails before any feature is computed."""
     for split in splits:
         validate_split(split)
-    # Built first: a bad hyperparameter fails before any feature is computed.
     scorers = {name: build_scorer(name, settings.scorer_options) for name in settings.scorers}
     needs_relational = [name for name, scorer in scorers.items() if scorer.needs_pair_logits]
     if relational is None and needs_relational:
         raise ValueError(f"{', '.join(needs_relational)} need(s) the relational module; "
                          "--backbone_only evaluates the post-hoc baselines only")
+    return scorers
+
+
+def plan_features(splits: List[EvalSplit], scorers: Dict[str, Scorer], settings: EvalSettings) -> FeaturePlan:
+    """The images the backbone sees for these splits and scorers (each distinct one once per transform)."""
     needs_norms = any(scorer.needs_block_norms for scorer in scorers.values())
     needs_maps = any(scorer.needs_feature_maps for scorer in scorers.values())
     supports = [select_support(split, settings.few_shot, settings.seed) for split in splits]
-
-    start = time.perf_counter()
-    # Each distinct image once: the support images that are not scored, then the scored ones (only
-    # these keep their feature maps for a scorer that maps).
-    scored_paths = list(dict.fromkeys(path for split in splits for path, _ in split.scored))
-    is_scored = set(scored_paths)
+    scored = list(dict.fromkeys(path for split in splits for path, _ in split.scored))
+    is_scored = set(scored)
     support_only = list(dict.fromkeys(path for support in supports for path, _ in support if path not in is_scored))
-    plain = support_only + scored_paths
     jigsawed = list(dict.fromkeys(path for support in supports for path, _ in support)) if needs_norms else []
+    return FeaturePlan(supports=supports, support_only=support_only, scored=scored, jigsawed=jigsawed,
+                       needs_norms=needs_norms, needs_maps=needs_maps)
+
+
+def extract_planned_features(plan: FeaturePlan, backbone: ResNetBackbone, settings: EvalSettings,
+                             device: torch.device) -> PlannedFeatures:
+    """One backbone pass (one DataLoader, sharded over processes) over every image of `plan`."""
+    start = time.perf_counter()
     transform = eval_transform(settings.image_size)
-    parts = [(support_only, transform), (scored_paths, transform)]
-    if needs_norms:
+    parts = [(plan.support_only, transform), (plan.scored, transform)]
+    if plan.needs_norms:
         # FeatureNorm's pseudo-novel images: the support images with their 3x3 tiles shuffled.
-        parts.append((jigsawed, JigsawTransform(eval_transform(settings.image_size), seed=settings.seed)))
+        parts.append((plan.jigsawed, JigsawTransform(eval_transform(settings.image_size), seed=settings.seed)))
+    n_images = len(plan.plain) + len(plan.jigsawed)
     # Inference never updates BatchNorm, so a folded copy gives the same features faster.
     extracted = extract_image_features(fold_batchnorm(backbone), parts, settings.batch_size, settings.num_workers,
-                                       device, settings.amp, return_block_norms=needs_norms,
-                                       desc=f"features of {len(plain) + len(jigsawed)} images",
-                                       return_feature_maps=[False, needs_maps] + [False] * needs_norms)
+                                       device, settings.amp, return_block_norms=plan.needs_norms,
+                                       desc=f"features of {n_images} images",
+                                       return_feature_maps=[False, plan.needs_maps] + [False] * plan.needs_norms,
+                                       load_truncated=settings.load_truncated_images)
     support_part, scored_part = extracted[0], extracted[1]
-    features = ImageFeatures(torch.cat([support_part.feats, scored_part.feats]),
-                             None if not needs_norms else torch.cat([support_part.block_norms,
-                                                                     scored_part.block_norms]))
-    row_of = {path: row for row, path in enumerate(plain)}
-    jigsaw_row_of = {path: row for row, path in enumerate(jigsawed)}
-    feature_seconds = time.perf_counter() - start
-    note(f"features of {len(plain) + len(jigsawed)} images: {feature_seconds:.2f} s")
+    plain = ImageFeatures(torch.cat([support_part.feats, scored_part.feats]),
+                          None if not plan.needs_norms else torch.cat([support_part.block_norms,
+                                                                       scored_part.block_norms]))
+    features = PlannedFeatures(plan=plan, plain=plain, jigsaw=extracted[2] if plan.needs_norms else None,
+                               scored_maps=scored_part.feature_maps, seconds=time.perf_counter() - start)
+    note(f"features of {n_images} images: {features.seconds:.2f} s")
+    return features
 
-    pair_logits = None if relational is None else relational_pair_logits(relational, device, settings.amp)
+
+def score_split(split: EvalSplit, support: List[Sample], features: PlannedFeatures, scorers: Dict[str, Scorer],
+                settings: EvalSettings, device: torch.device, pair_logits: Optional[PairLogits],
+                fits: FitCache) -> List[EvalResult]:
+    """Fit every scorer on the split's support and score this process's shard of its scored images.
+
+    The results are gathered in list order; rank 0 returns one per scorer, the other ranks none.
+    """
+    inputs = ScoringInputs(support=features.support_batch(support, device),
+                           jigsaw=features.jigsaw_batch(support, device), pair_logits=pair_logits,
+                           pair_chunk=settings.pair_chunk or default_pair_chunk(device), fits=fits)
+    shard = torch.arange(get_rank(), len(split.scored), get_world_size())
+    scored = features.scored_batch([split.scored[i][0] for i in shard.tolist()], device)
+    labels = np.array([label for _, label in split.scored])
     results = []
-    for split, support in zip(splits, supports):
-        inputs = ScoringInputs(
-            support=_batch(features, [row_of[path] for path, _ in support], [label for _, label in support],
-                           device),
-            jigsaw=_batch(extracted[2], [jigsaw_row_of[path] for path, _ in support], None, device) if needs_norms
-            else None,
-            pair_logits=pair_logits, pair_chunk=settings.pair_chunk or default_pair_chunk(device))
-        # Each process scores its shard of the scored images; the results are gathered in list order.
-        shard = torch.arange(get_rank(), len(split.scored), get_world_size())
-        rows = [row_of[split.scored[i][0]] for i in shard.tolist()]
-        scored = _batch(features, rows, None, device)
-        if scored_part.feature_maps is not None:
-            # The scored images' rows start after the support-only ones.
-            map_rows = torch.as_tensor(rows, dtype=torch.long, device=scored_part.feature_maps.device)
-            scored.feature_maps = scored_part.feature_maps.index_select(0, map_rows - len(support_only))
-        labels = np.array([label for _, label in split.scored])
-        for name, scorer in scorers.items():
-            start = time.perf_counter()
-            scorer.fit(inputs)
-            result = _gather_result(scorer.score(scored), shard.to(device), len(split.scored))
-            seconds = {"features": feature_seconds, "scoring": time.perf_counter() - start}
-            note(f"{split.dataset}/{split.target} {name}: fit and score {seconds['scoring']:.2f} s")
-            if is_main_process():
-                results.append(_result(split, name, result, labels, len(support), seconds,
-                                       interpolated_fpr=settings.scorer_options.get("baseline_protocol") == "oodbench"))
+    for name, scorer in scorers.items():
+        start = time.perf_counter()
+        fit_scorer(scorer, inputs)
+        result = _gather_result(scorer.score(scored), shard.to(device), len(split.scored))
+        seconds = {"features": features.seconds, "scoring": time.perf_counter() - start}
+        note(f"{split.dataset}/{split.target} {name}: fit and score {seconds['scoring']:.2f} s")
+        if is_main_process():
+            results.append(_result(split, name, result, labels, len(support), seconds,
+                                   interpolated_fpr=settings.scorer_options.get("baseline_protocol") == "oodbench"))
     return results
 
 

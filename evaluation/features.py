@@ -5,8 +5,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from datasets.image_lists import ImageListDataset, Sample
-from datasets.transforms import eval_transform
+from datasets.image_lists import ImageListDataset
 from utils.distributed import gather_by_index, get_world_size
 from utils.precision import autocast
 from utils.progress import progress
@@ -26,7 +25,8 @@ class ImageFeatures:
 def extract_image_features(backbone: torch.nn.Module, parts: Sequence[Tuple[Sequence[str], Callable]],
                            batch_size: int, num_workers: int, device: torch.device, amp: str = "none",
                            return_block_norms: bool = False, desc: str = "features",
-                           return_feature_maps: Union[bool, Sequence[bool]] = False) -> List[ImageFeatures]:
+                           return_feature_maps: Union[bool, Sequence[bool]] = False,
+                           load_truncated: bool = False) -> List[ImageFeatures]:
     """Features of every image of every (paths, transform) part, every process getting all of them.
 
     All parts go through one DataLoader, so its worker processes start and stop once however many
@@ -34,10 +34,12 @@ def extract_image_features(backbone: torch.nn.Module, parts: Sequence[Tuple[Sequ
     each process handles its DistributedSampler shard and the shards are gathered in list order.
     With `return_feature_maps` (True, or one flag per part) the last feature map of every image of
     those parts is kept too, stored as float16; the other parts' maps are dropped batch by batch, so
-    that memory holds only the maps asked for (at 224 px, 49 KiB per image).
+    that memory holds only the maps asked for (at 224 px, 49 KiB per image). `load_truncated`
+    (--load_truncated_images) is handed to the datasets, and with them to the workers.
     """
     parts = list(parts)
-    datasets = [ImageListDataset([(path, 0) for path in paths], transform) for paths, transform in parts]
+    datasets = [ImageListDataset([(path, 0) for path in paths], transform, load_truncated)
+                for paths, transform in parts]
     dataset = ConcatDataset(datasets) if datasets else []
     total = len(dataset)
     if total == 0:
@@ -121,12 +123,3 @@ def _global_indices(sampler: Optional[DistributedSampler], total: int, device: t
     order = list(iter(sampler)) if sampler is not None else range(total)
     return torch.as_tensor(list(order), dtype=torch.long, device=device)
 
-
-def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], image_size: int, batch_size: int,
-                     num_workers: int, device: torch.device, amp: str = "none", return_block_norms: bool = False,
-                     desc: str = "features", transform: Optional[Callable] = None) -> ImageFeatures:
-    """Features of one image list with the evaluation transform (or `transform`), in list order."""
-    (result,) = extract_image_features(backbone, [([path for path, _ in samples],
-                                                   transform or eval_transform(image_size))],
-                                       batch_size, num_workers, device, amp, return_block_norms, desc)
-    return result

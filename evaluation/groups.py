@@ -1,7 +1,8 @@
 """Evaluation result groups: one folder per evaluation under `<folder>/eval/`, written whole.
 
-A group is named by `--tag`, else `<dataset>_it<iteration>_<hash8>`, where the hash covers every
-setting that changes a number, the targets, the scorers and the kind of evaluation. It is written
+A group is named by `--tag`, else `<dataset>_it<iteration>_<hash8>` (`<dataset>_it<iteration>_bb-<file
+stem>_<hash8>` when the backbone came from a file of its own), where the hash covers every setting that
+changes a number, the targets, the scorers and the kind of evaluation. It is written
 into a private temporary folder in `eval/` (manifest last) and renamed into place in one step, so a
 reader sees a complete group or none. Only a group with the same hash (an identical re-run) is ever
 replaced; evaluations with other settings get other names and leave each other's groups alone.
@@ -24,7 +25,8 @@ MANIFEST_FORMAT = 1
 KINDS = ("only_eval", "periodic")
 # Record entries that say where things are rather than what was computed: not part of the hash, so
 # that an identical re-run of a moved or re-linked folder still finds its own group.
-UNHASHED_KEYS = ("checkpoint", "loaded_from", "run_args", "overrides")
+# The backbone file's path is one of them; its content's SHA-256 (backbone_sha256) is hashed.
+UNHASHED_KEYS = ("checkpoint", "loaded_from", "run_args", "overrides", "backbone_checkpoint", "backbone_loaded")
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Private temporary names: `<prefix><host>_<pid>_<random>`; dot-names are never groups.
 _PARTIAL, _REPLACED = ".partial_", ".replaced_"
@@ -60,11 +62,20 @@ def settings_hash(kind: str, dataset: str, targets: Sequence[str], record: Mappi
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
-def group_name(dataset: str, iteration: Optional[int], digest: str, tag: Optional[str] = None) -> str:
-    """`tag`, else `<dataset>_it<iteration>_<digest>` (`na` for an unknown iteration)."""
+def backbone_label(backbone_path: str) -> str:
+    """`bb-<file stem>` for a group name: the stem in the characters a tag allows, at most 40 of them."""
+    stem = os.path.splitext(os.path.basename(backbone_path))[0]
+    return "bb-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", stem)[:40] or "file")
+
+
+def group_name(dataset: str, iteration: Optional[int], digest: str, tag: Optional[str] = None,
+               backbone_path: Optional[str] = None) -> str:
+    """`tag`, else `<dataset>_it<iteration>_<digest>` (`na` for an unknown iteration), with `bb-<file stem>_`
+    before the digest when the backbone was read from `backbone_path`."""
     if tag is not None:
         return validate_tag(tag)
-    return f"{dataset}_it{'na' if iteration is None else iteration}_{digest}"
+    backbone = "" if backbone_path is None else backbone_label(backbone_path) + "_"
+    return f"{dataset}_it{'na' if iteration is None else iteration}_{backbone}{digest}"
 
 
 def read_manifest(group: str) -> Optional[Dict[str, Any]]:

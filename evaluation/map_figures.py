@@ -6,8 +6,7 @@ images of lowest normality (top row) and the N of highest normality (bottom row)
 square as the evaluation transform does, with its map upsampled bilinearly on top; one colour scale
 for every panel, so that panels compare. Plain matplotlib Figures written as PNG (no pyplot).
 """
-import os
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence, Tuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -35,7 +34,8 @@ def extreme_indices(normality: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarr
 
 def _panel(path: str, side: int) -> np.ndarray:
     """The image at `path` resized to side x side (as the evaluation transform resizes), as RGB floats."""
-    image = load_image(path).resize((side, side), Image.BILINEAR)
+    # A scored image: a truncated one got this far only under --load_truncated_images, and is drawn as scored.
+    image = load_image(path, load_truncated=True).resize((side, side), Image.BILINEAR)
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
@@ -84,16 +84,12 @@ def plot_novelty_maps(result: Any, n: int, path: str, side: int = PANEL_PIXELS) 
     return path
 
 
-def write_map_figures(results: Sequence[Any], out_dir: str, n: int) -> List[str]:
-    """`plot_novelty_maps` for every result with maps, into `out_dir` (created); the paths written.
-
-    n = 0 writes nothing (the default of --save_maps).
-    """
+def map_figures(results: Sequence[Any], n: int) -> List[Tuple[str, Callable[[str], str]]]:
+    """(file name, draw(path)) of the figure of every result with maps; none for n = 0 (the default of --save_maps)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
-    mapped = [result for result in results if getattr(result, "maps", None) is not None]
-    if n == 0 or not mapped:
+    if n == 0:
         return []
-    os.makedirs(out_dir, exist_ok=True)
-    return [plot_novelty_maps(result, n, os.path.join(out_dir, map_figure_name(result))) for result in mapped]
+    return [(map_figure_name(result), lambda path, result=result: plot_novelty_maps(result, n, path))
+            for result in results if getattr(result, "maps", None) is not None]
 

@@ -13,7 +13,8 @@ import numpy as np
 
 from evaluation.evaluate import EvalResult
 from evaluation.groups import EVAL_DIR, group_name, settings_hash, write_group
-from evaluation.map_figures import write_map_figures
+from evaluation.map_figures import map_figures
+from evaluation.plots import result_figures
 from utils.atomic_files import atomic_write_text
 from utils.distributed import is_main_process
 from utils.logger import TensorBoardWriter
@@ -124,18 +125,37 @@ def summary_files(results: Sequence[EvalResult], eval_dir: str) -> Dict[str, str
 
 def group_identity(kind: str, dataset: str, targets: Sequence[str], record: Dict[str, Any],
                    tag: Optional[str]) -> Tuple[str, str]:
-    """(group name, settings hash) of an evaluation."""
+    """(group name, settings hash) of an evaluation; the name says the backbone's file when it had one."""
     digest = settings_hash(kind, dataset, targets, record)
-    return group_name(dataset, record["iteration"], digest, tag), digest
+    return group_name(dataset, record["iteration"], digest, tag, record.get("backbone_checkpoint")), digest
+
+
+def draw_figures(results: Sequence[EvalResult], folder: str, save_maps: int, shown_as: str,
+                 warn: Callable[[str], None]) -> List[str]:
+    """The figures of a group into `folder`: ROC and histograms per dataset, anomaly maps with --save_maps N.
+
+    A figure that cannot be drawn is one warning naming it (as `<shown_as>/<name>`) and is left out:
+    the results never depend on a figure. Returns the paths drawn.
+    """
+    drawn = []
+    for name, draw in result_figures(results) + map_figures(results, save_maps):
+        try:
+            drawn.append(draw(os.path.join(folder, name)))
+        except Exception as error:  # whatever a figure raises (matplotlib, a vanished image), the results stay
+            reason = " ".join(str(error).split()) or "no message"
+            warn(f"warning: figure {os.path.join(shown_as, name)} not drawn: {type(error).__name__}: {reason}")
+    return drawn
 
 
 def publish_group(results: List[EvalResult], out_folder: str, record: Dict[str, Any], kind: str,
-                  tag: Optional[str] = None, phases: Optional[Dict[str, float]] = None) -> str:
+                  tag: Optional[str] = None, phases: Optional[Dict[str, float]] = None,
+                  warn: Callable[[str], None] = say) -> str:
     """Write the results' group under `<out_folder>/eval/` (per-target files, summary, manifest); its path.
 
     `phases` (seconds per phase of the evaluation) go into the manifest, with the seconds the files
-    took to write added as "writing". With `--save_maps N` in the record, the anomaly-map figure of
-    every result that has maps (`maps_<dataset>_<target>.png`) is part of the group.
+    took to write added as "writing". The figures (`roc_<dataset>.png`, `scores_<dataset>.png` and, with
+    `--save_maps N` in the record, `maps_<dataset>_<target>.png` of every result with maps) are part of
+    the group; one that cannot be drawn is a warning (`warn`) and is left out.
     """
     dataset = results[0].dataset
     targets = list(dict.fromkeys(result.target for result in results))
@@ -152,7 +172,8 @@ def publish_group(results: List[EvalResult], out_folder: str, record: Dict[str, 
         for result in results:
             paths += write_eval_outputs(result, folder, record, group=identity).values()
         paths += summary_files(results, folder).values()
-        paths += write_map_figures(results, folder, int(record.get("save_maps") or 0))
+        paths += draw_figures(results, folder, int(record.get("save_maps") or 0),
+                              os.path.join(out_folder, EVAL_DIR, name), warn)
         manifest["seconds"]["writing"] = round(time.perf_counter() - start, 3)
         return [os.path.basename(path) for path in paths]
 
@@ -179,7 +200,7 @@ def write_results(results: List[EvalResult], out_folder: str, record: Dict[str, 
     if not is_main_process() or not results:
         return None
     group = publish_group(results, out_folder, record, kind, tag, phases if phases is not None else
-                          phase_seconds(results))
+                          phase_seconds(results), warn)
     if tb_writer is not None:
         try:
             for result in results:

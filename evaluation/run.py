@@ -3,7 +3,7 @@ import argparse
 import dataclasses
 import os
 import time
-from typing import Any, Dict, List, Set
+from typing import Any, Dict, List, Optional, Set
 
 from datasets.benchmarks import benchmark_names
 from evaluation.evaluate import EvalResult, evaluate_splits, load_splits
@@ -12,6 +12,7 @@ from evaluation.report import format_table, group_identity, phase_seconds, say, 
 from evaluation.run_settings import check_against_checkpoint, loaded_from, loaded_line, resolve_run_settings
 from evaluation.settings import eval_settings, settings_record
 from models.backbone import ResNetBackbone
+from models.backbone_file import BackboneFile, load_backbone_file
 from models.checkpoint import CheckpointError, load_model_folder
 from utils.distributed import is_main_process
 
@@ -35,12 +36,23 @@ def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
     explicit = explicit_flags_of(args)
     settings = eval_settings(args)
     folder = args.checkpoint_folder_path
-    if args.backbone_only:
+    backbone_file: Optional[BackboneFile] = None
+    if args.backbone_only and args.backbone_checkpoint is not None:
+        # The baselines on the backbone of a file (e.g. a classifier fine-tuned on the known classes).
+        backbone, backbone_file = load_backbone_file(args.backbone_checkpoint)
+        if "network" in explicit and args.network != backbone_file.network:
+            raise CheckpointError(f"--network {args.network} contradicts --backbone_checkpoint "
+                                  f"{args.backbone_checkpoint}, which holds a {backbone_file.network}")
+        say(backbone_file.describe())
+        backbone = backbone.to(args.device)
+        relational, iteration = None, None
+        provenance: Dict[str, Any] = {}
+    elif args.backbone_only:
         # The baselines on the backbone alone (ImageNet weights by default), without any checkpoint.
         weights = None if args.backbone_weights == "none" else args.backbone_weights
         backbone = ResNetBackbone(args.network, weights=weights).to(args.device).eval()
         relational, iteration = None, None
-        provenance: Dict[str, Any] = {"backbone_weights": args.backbone_weights}
+        provenance = {"backbone_weights": args.backbone_weights}
     else:
         if not os.path.isdir(folder):
             raise CheckpointError(f"checkpoint folder not found: {folder}")
@@ -48,15 +60,18 @@ def run_only_eval(args: argparse.Namespace) -> List[EvalResult]:
                                    explicit)
         for line in run.messages:
             say(line)
-        model = load_model_folder(folder, n_heads=run.n_heads, device=args.device)
+        model = load_model_folder(folder, n_heads=run.n_heads, device=args.device,
+                                  backbone_file=args.backbone_checkpoint)
         check_against_checkpoint(model, vars(args), explicit, run, warn=say)
         say(loaded_line(model))
         backbone, relational, iteration = model.backbone, model.relational, model.iteration
+        backbone_file = model.backbone_file
         settings = dataclasses.replace(settings, image_size=run.image_size)
         provenance = {"loaded_from": loaded_from(model), "run_args": run.run_args, "overrides": run.overrides}
     splits = load_splits(args.dataset, args.target, args.data_root, args.path_to_txt, args.source_dir,
                          args.target_dir)
-    record = {**settings_record(args, settings, folder, backbone, relational, iteration), **provenance}
+    record = {**settings_record(args, settings, folder, backbone, relational, iteration, backbone_file),
+              **provenance}
     name, digest = group_identity("only_eval", args.dataset, [split.target for split in splits], record, args.tag)
     # Refused before the (long) scoring; checked again when the group is written.
     check_slot(os.path.join(folder, EVAL_DIR), name, digest)

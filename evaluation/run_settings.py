@@ -5,16 +5,15 @@ not tell the attention head count or the input size it was trained at. Those com
 folder's `args.json` (written by training), unless a flag or keyword given explicitly overrides
 them. An explicit value that contradicts the checkpoint itself is refused.
 """
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
 from torch import nn
 
+from models.backbone_file import BackboneFile
 from models.checkpoint import LoadedModel
-
-RUN_ARGS_FILE = "args.json"
+from utils.run_args import RUN_ARGS_FILE, read_run_args
 
 # Flags whose value `args.json` supplies (the checkpoint's tensors cannot tell them), with their
 # smallest valid value.
@@ -24,7 +23,10 @@ API_KEYWORDS = {"image_size": "image_size", "transf_n_heads": "n_heads"}
 
 
 class RunSettingsError(ValueError):
-    """An unreadable `args.json`, or a setting that contradicts the checkpoint."""
+    """An invalid value in `args.json`, or a setting that contradicts the checkpoint.
+
+    An `args.json` that cannot be read at all is a `utils.run_args.RunArgsError`.
+    """
 
 
 @dataclass
@@ -37,22 +39,6 @@ class RunSettings:
     run_values: Optional[Dict[str, Any]] = None  # its content
     overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # flag -> {"run", "given"}
     messages: List[str] = field(default_factory=list)  # lines to print, in order
-
-
-def read_run_args(folder: str) -> Optional[Dict[str, Any]]:
-    """The run folder's `args.json` as a dict, None when there is none; an error naming it if unreadable."""
-    path = os.path.join(folder, RUN_ARGS_FILE)
-    if not os.path.lexists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise RunSettingsError(f"cannot read the run's settings {path}: {reason}") from error
-    if not isinstance(values, dict):
-        raise RunSettingsError(f"{path} should hold a JSON object of flags, got a {type(values).__name__}")
-    return values
 
 
 def _run_value(values: Mapping[str, Any], flag: str, path: str) -> Optional[int]:
@@ -111,6 +97,18 @@ def model_facts(backbone: nn.Module, relational: Optional[nn.Module]) -> Dict[st
                 "n_heads": None}
     return {"network": backbone.network, "objective": relational.objective, "depth": len(relational.blocks),
             "embed_dim": relational.proj.out_features, "n_heads": relational.blocks[0].attn.num_heads}
+
+
+def backbone_record(backbone_file: Optional[BackboneFile]) -> Dict[str, Any]:
+    """Result-record entries of a backbone read from its own file (--backbone_checkpoint); none otherwise.
+
+    None is not recorded as a value, so that the records (and group hashes) of evaluations with the
+    checkpoint's own backbone stay as they were.
+    """
+    if backbone_file is None:
+        return {}
+    return {"backbone_checkpoint": backbone_file.path, "backbone_sha256": backbone_file.sha256,
+            "backbone_loaded": backbone_file.describe()}
 
 
 def check_against_checkpoint(model: LoadedModel, given: Mapping[str, Any], explicit: Set[str],

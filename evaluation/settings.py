@@ -11,8 +11,9 @@ import torch
 
 from evaluation.evaluate import EvalSettings
 from evaluation.groups import validate_tag
-from evaluation.run_settings import model_facts
+from evaluation.run_settings import backbone_record, model_facts
 from evaluation.scorers import SCORERS, scorer_flags
+from models.backbone_file import BackboneFile
 
 
 def scorer_names(args: argparse.Namespace) -> Tuple[str, ...]:
@@ -55,7 +56,8 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(scorers=scorers, image_size=args.image_size,
                         batch_size=args.eval_batch_size, num_workers=args.num_workers, amp=args.amp,
                         few_shot=args.few_shot, seed=args.seed,
-                        scorer_options={flag: getattr(args, flag) for flag in scorer_flags()})
+                        scorer_options={flag: getattr(args, flag) for flag in scorer_flags()},
+                        load_truncated_images=args.load_truncated_images)
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -64,10 +66,11 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 
 def settings_record(args: argparse.Namespace, settings: EvalSettings, checkpoint: str,
                     backbone: torch.nn.Module, relational: Optional[torch.nn.Module],
-                    iteration: Optional[int]) -> Dict[str, Any]:
-    """Every setting that changes a number (the architecture read off the modules), and the checkpoint."""
+                    iteration: Optional[int], backbone_file: Optional[BackboneFile] = None) -> Dict[str, Any]:
+    """Every setting that changes a number (the architecture read off the modules), and the checkpoint;
+    with `backbone_file`, the file the backbone was read from (path, SHA-256 and the loaded line)."""
     return {"checkpoint": os.path.abspath(checkpoint), "iteration": iteration,
-            **model_facts(backbone, relational), "scorers": list(settings.scorers),
+            **model_facts(backbone, relational), **backbone_record(backbone_file), "scorers": list(settings.scorers),
             "image_size": settings.image_size, "amp": settings.amp, "few_shot": settings.few_shot,
             "seed": settings.seed, **settings.scorer_options, "data_root": _absolute(args.data_root),
             "path_to_txt": _absolute(args.path_to_txt), "source_dir": _absolute(args.source_dir),

@@ -3,6 +3,10 @@
     python train.py --demo                       # writes outputs/Digits_resnet18_rel_transformer/
     python media/make_demo_figures.py --run_folder outputs/Digits_resnet18_rel_transformer
 
+demo_roc.png has one panel per target (seen, novel) with a curve per method of --scorers; demo_scores.png
+the known/unknown histograms of the first of them, one panel per target. (The run's own figures,
+`figures/roc.png` and the group's `roc_Digits.png`, show every method it evaluated.)
+
 The anomaly-map figure (media/demo_maps.png) comes from an evaluation of the same run at 128 px, where
 the backbone's last feature map has 4 x 4 locations (at the demo's 32 px it has one):
 
@@ -17,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluation.groups import EVAL_DIR, latest_group  # noqa: E402
+from evaluation.groups import EVAL_DIR, latest_group, read_manifest  # noqa: E402
 from evaluation.plots import plot_roc, plot_score_histograms, read_eval_dir  # noqa: E402
 
 
@@ -49,6 +53,9 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from None
     if not records:
         raise SystemExit(f"no results of {wanted} in {group!r}")
+    # The files are read in name order; the figures show the targets as evaluated and the methods as asked.
+    targets = (read_manifest(group) or {}).get("targets", [])
+    records.sort(key=lambda r: (targets.index(r.target) if r.target in targets else len(targets), wanted.index(r.scorer)))
     print(plot_roc(records, os.path.join(args.out, "demo_roc.png")))
     print(plot_score_histograms([r for r in records if r.scorer == wanted[0]],
                                 os.path.join(args.out, "demo_scores.png")))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from models.backbone import NETWORKS, ResNetBackbone
+from models.backbone_file import BackboneFile, load_backbone_file
 from models.relational import RelationalTransformer
 from models.state_dicts import (CheckpointError, _show, backbone_state_from_any, backbone_state_to_authors,
                                 infer_network, load_state_strict, read_state_file)
@@ -50,11 +51,14 @@ class LoadedModel:
     iteration: int | None
     folder: str  # the folder asked for
     source: str  # the directory every file was read from: the resolved generation, or `folder` itself
+    backbone_file: BackboneFile | None = None  # the backbone's own file, when it did not come from `source`
 
     def describe(self) -> str:
-        """One line for logs: which iteration was loaded from where."""
+        """One line for logs: which iteration was loaded from where (and the backbone's file, if its own)."""
         iteration = "no iteration recorded" if self.iteration is None else f"iteration {self.iteration}"
-        return f"loaded {iteration} from {self.source}"
+        if self.backbone_file is None:
+            return f"loaded {iteration} from {self.source}"
+        return f"loaded {iteration} from {self.source} (relational module); {self.backbone_file.describe()}"
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -113,36 +117,46 @@ def _open_for_reading(path: str) -> IO[bytes]:
         raise CheckpointError(f"checkpoint file not found: {path}") from exc
 
 
-def load_model_folder(folder: str, n_heads: int = 12, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model_folder(folder: str, n_heads: int = 12, device: str | torch.device = "cpu",
+                      backbone_file: str | None = None) -> LoadedModel:
     """Rebuild backbone and relational module from a checkpoint folder (strict); both returned in eval mode.
 
     A run folder's `checkpoints/last` is resolved once and every file is read from that generation.
+    With `backbone_file` (see models.backbone_file) the backbone is read from it instead, and the
+    folder needs no feature_extractor.pkl.
     """
     folder = str(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     source = resolve_checkpoint_dir(folder)
-    absent = [n for n in (FEATURE_EXTRACTOR_FILE, RELATIONAL_FILE) if not os.path.isfile(os.path.join(source, n))]
+    needed = (RELATIONAL_FILE,) if backbone_file is not None else (FEATURE_EXTRACTOR_FILE, RELATIONAL_FILE)
+    absent = [n for n in needed if not os.path.isfile(os.path.join(source, n))]
     if absent:
         raise CheckpointError(f"checkpoint folder {source} lacks {absent}")
-    backbone_path = os.path.join(source, FEATURE_EXTRACTOR_FILE)
+    backbone_path = os.path.join(source, FEATURE_EXTRACTOR_FILE) if backbone_file is None else str(backbone_file)
     relational_path = os.path.join(source, RELATIONAL_FILE)
     last_path = os.path.join(source, LAST_CHECKPOINT_FILE)
 
     # Every file is opened before any is read: a generation pruned meanwhile by a running training
     # stays readable through the open handles, so the three files always come from one generation.
     with contextlib.ExitStack() as stack:
-        backbone_file = stack.enter_context(_open_for_reading(backbone_path))
-        relational_file = stack.enter_context(_open_for_reading(relational_path))
+        own_backbone = None if backbone_file is not None else stack.enter_context(_open_for_reading(backbone_path))
+        relational_handle = stack.enter_context(_open_for_reading(relational_path))
         last_file = stack.enter_context(_open_for_reading(last_path)) if os.path.isfile(last_path) else None
         iteration = None if last_file is None else _parse_iteration(last_file.read().decode("utf-8", "replace"),
                                                                     last_path)
-        backbone_state = backbone_state_from_any(read_state_file(backbone_path, device, handle=backbone_file))
-        relational_state = read_state_file(relational_path, device, handle=relational_file)
+        backbone_state = (None if own_backbone is None else
+                          backbone_state_from_any(read_state_file(backbone_path, device, handle=own_backbone)))
+        relational_state = read_state_file(relational_path, device, handle=relational_handle)
 
-    network = infer_network(backbone_state)
-    backbone = ResNetBackbone(network, weights=None)
-    load_state_strict(backbone, backbone_state, source=backbone_path)
+    backbone_info = None
+    if backbone_state is not None:
+        network = infer_network(backbone_state)
+        backbone = ResNetBackbone(network, weights=None)
+        load_state_strict(backbone, backbone_state, source=backbone_path)
+    else:
+        backbone, backbone_info = load_backbone_file(backbone_file)
+        network = backbone_info.network
     feat_dim, embed_dim, depth, n_outputs = _relational_shape(relational_state, relational_path)
     if feat_dim != NETWORKS[network]:
         raise CheckpointError(
@@ -160,6 +174,7 @@ def load_model_folder(folder: str, n_heads: int = 12, device: str | torch.device
         iteration=iteration,
         folder=folder,
         source=source,
+        backbone_file=backbone_info,
     )
 
 

@@ -33,6 +33,11 @@ def read_state_file(path: str, map_location: str | torch.device = "cpu",
     except Exception as exc:
         raise CheckpointError(f"cannot read {path} as a torch state dict: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return check_state_dict(state, path)
+
+
+def check_state_dict(state: object, path: str) -> dict[str, Tensor]:
+    """`state` as a dict if it maps names to tensors; otherwise a CheckpointError naming `path`."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]

@@ -29,7 +29,7 @@ def image_tree(tmp_path):
 
 
 def save_informative_checkpoint(folder, support, image_size: int, n_outputs: int = 1, depth: int = 2,
-                                seed: int = 0):
+                                seed: int = 0, head_backbone=None):
     """A checkpoint folder whose relational head is refitted on `support` pairs ([(path, label)]).
 
     With the ViT initialisation (std 0.02) a random head's logits are ~1e-3: every target gets
@@ -38,7 +38,8 @@ def save_informative_checkpoint(folder, support, image_size: int, n_outputs: int
     regression on the embeddings of every support pair (-1 same class, +1 different; for a CE head
     column 0 is "same class"): scores then spread over ~0.5 and several classes are predicted (the
     tests assert both). BatchNorm statistics away from (0, 1) make the evaluation's BatchNorm
-    folding matter. Returns the folder.
+    folding matter. `head_backbone` (a module giving [N, 512] features): refit the head on its features
+    instead of the saved backbone's (a relational module meant for another backbone). Returns the folder.
     """
     from torch import nn
 
@@ -54,7 +55,8 @@ def save_informative_checkpoint(folder, support, image_size: int, n_outputs: int
             module.running_mean.uniform_(-0.3, 0.3)
             module.running_var.uniform_(0.5, 1.5)
     relational = RelationalTransformer(feat_dim=512, n_outputs=n_outputs, depth=depth).eval()
-    feats = reference_features(backbone, [path for path, _ in support], image_size)
+    feats = reference_features(backbone if head_backbone is None else head_backbone, [path for path, _ in support],
+                               image_size)
     labels = torch.tensor([label for _, label in support])
     first, second = (grid.flatten() for grid in torch.meshgrid(torch.arange(len(labels)),
                                                                torch.arange(len(labels)), indexing="ij"))

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from evaluation.api import NoveltyDetector
-from evaluation.run_settings import RunSettingsError
 from models.checkpoint import load_model_folder
 from tests.authors_reference import reference_features, reference_resend
 from tests.conftest import save_informative_checkpoint
+from utils.run_args import RunArgsError
 
 IMAGE_SIZE = 32
 
@@ -96,7 +96,7 @@ def test_from_folder_takes_the_run_settings_from_args_json(checkpoint, capsys):
     assert detector.settings["overrides"] == {"transf_n_heads": {"run": 6, "given": 12}}
 
     (checkpoint / "args.json").write_text("{")
-    with pytest.raises(RunSettingsError, match=f"cannot read the run's settings {checkpoint}/args.json"):
+    with pytest.raises(RunArgsError, match=f"cannot read the run's settings {checkpoint}/args.json"):
         NoveltyDetector.from_folder(str(checkpoint))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.scorers import FeatureBatch, ScoringInputs, build_scorer
+from evaluation.scorers import FeatureBatch, FitCache, ScoringInputs, build_scorer
 from evaluation.scorers import classifier, distance, maps
 from evaluation.scorers.classifier import ash_b, check_percent, fit_linear_head, percent
 from evaluation.scorers.distance import (
@@ -465,11 +465,12 @@ def test_head_cache_is_keyed_by_support_and_max_iter():
         weight = probe.coef_ / scaler.scale_
         return weight, probe.intercept_ - weight @ scaler.mean_
 
+    fits = FitCache()  # one cache for all four: each must still get its own fit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for x, y, max_iter in ((feats, labels, 1), (feats, labels, 1000), (feats, labels[::-1].copy(), 1000),
                                (feats * 2.0, labels, 1000)):
-            weight, bias = fit_linear_head(x, y, max_iter)
+            weight, bias = fit_linear_head(x, y, max_iter, fits)
             expected_weight, expected_bias = reference(x, y, max_iter)
             np.testing.assert_allclose(weight, expected_weight, rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(bias, expected_bias, rtol=1e-12, atol=1e-12)
@@ -615,8 +616,9 @@ def test_head_cache_tells_feature_shapes_apart():
     # [0, 1] hash the same bytes; only the shape in the digest tells them apart.
     nine = np.array([[3.0, 1.0, 0.5], [2.0, 0.0, 1.5], [0.0, 4.0, 2.0]])
     five = np.append(nine.ravel(), 0.0).reshape(2, 5)
-    first_weight, _ = fit_linear_head(nine, np.array([0, 0, 1]), 1000)
-    second_weight, _ = fit_linear_head(five, np.array([0, 1]), 1000)
+    fits = FitCache()
+    first_weight, _ = fit_linear_head(nine, np.array([0, 0, 1]), 1000, fits)
+    second_weight, _ = fit_linear_head(five, np.array([0, 1]), 1000, fits)
     assert first_weight.shape == (2, 3) and second_weight.shape == (2, 5)
 
 

@@ -56,3 +56,16 @@ def test_bench_only_eval_times_a_real_process_and_reads_its_phases():
     wall, load, features, scoring, writing, after = map(float, row[3:])
     # The process's wall time holds every phase its manifest records.
     assert wall > load + after and after == pytest.approx(features + scoring + writing, abs=0.02)
+
+
+def test_bench_export_times_both_paths_and_agrees_in_fp32():
+    out = run_script("bench_export.py", "--image_size", "32", "--gen_size", "40", "--classes", "3",
+                     "--support_per_class", "2", "--images", "4", "--batches", "1", "4", "--repeats", "1",
+                     "--depth", "1", "--threads", "1", "--dtypes", "fp32")
+    assert "export (fit + torch.export + save + check)" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["fp32"]]
+    assert [row[1] for row in rows] == ["1", "4"]
+    for row in rows:
+        repository_ms, exported_ms, gap = float(row[2]), float(row[3]), float(row[5])
+        # The exported program scores the images as the repository does.
+        assert repository_ms > 0 and exported_ms > 0 and gap < 1e-5

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from datasets.benchmarks import (BENCHMARKS, EVAL_DATASETS, Benchmark, TargetProtocol, dataset_targets,
-                                 get_eval_split, list_file_names, list_root, register_benchmark,
-                                 resolve_targets)
+from datasets.benchmarks import (BENCHMARKS, Benchmark, TargetProtocol, benchmark_names, dataset_targets,
+                                 get_eval_split, list_file_names, list_root, register_benchmark, resolve_targets)
 from datasets.export_lists import main as export_main
 from datasets.image_lists import DataError
 from tests.imagegen import make_image_tree
@@ -82,13 +81,15 @@ def test_protocol_table_matches_the_specification():
 
 
 def test_target_names_and_list_names():
-    assert EVAL_DATASETS == ("PACS_DG", "PACS_SS_DG", "OfficeHome_DG", "OfficeHome_SS_DG",
-                             "DomainNet_IN_OUT", "Folder", "Digits")
-    assert dataset_targets("PACS_DG") == ["ArtPainting", "Cartoon", "Photo", "Sketch"]
-    assert dataset_targets("PACS_SS_DG") == ["ArtPainting", "Cartoon", "Sketch"]
-    assert dataset_targets("OfficeHome_DG") == ["Art", "Clipart", "Product", "RealWorld"]
-    assert dataset_targets("OfficeHome_SS_DG") == ["Art", "Clipart", "Product"]
-    assert dataset_targets("DomainNet_IN_OUT") == ["real"]
+    assert benchmark_names() == ["PACS_DG", "PACS_SS_DG", "OfficeHome_DG", "OfficeHome_SS_DG",
+                                 "DomainNet_IN_OUT", "Folder", "Digits"]
+    assert resolve_targets("PACS_DG", "all") == ["ArtPainting", "Cartoon", "Photo", "Sketch"]
+    assert resolve_targets("PACS_SS_DG", "all") == ["ArtPainting", "Cartoon", "Sketch"]
+    assert resolve_targets("OfficeHome_DG", "all") == ["Art", "Clipart", "Product", "RealWorld"]
+    assert resolve_targets("OfficeHome_SS_DG", "all") == ["Art", "Clipart", "Product"]
+    assert resolve_targets("DomainNet_IN_OUT", "all") == ["real"]
+    # The targets --export offers: the same list (a user-folder dataset's default stands for any name).
+    assert all(dataset_targets(name) == resolve_targets(name, "all") for name in benchmark_names())
     assert list_file_names("PACS_DG", "ArtPainting") == ("no_ArtPainting.txt", "ArtPainting.txt")
     assert list_file_names("OfficeHome_SS_DG", "Clipart") == ("Source.txt", "Clipart.txt")
     assert list_file_names("DomainNet_IN_OUT", "real") == ("in_distribution.txt",
@@ -342,11 +343,11 @@ def test_export_then_read_back_pacs_all_targets(pacs_root, tmp_path):
     assert export_main(["--dataset", "PACS_DG", "--target", "all", "--data_root", str(pacs_root),
                         "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "PACS_DG").iterdir()) == sorted(
-        [f"{t}.txt" for t in dataset_targets("PACS_DG")] +
-        [f"no_{t}.txt" for t in dataset_targets("PACS_DG")])
+        [f"{t}.txt" for t in resolve_targets("PACS_DG", "all")] +
+        [f"no_{t}.txt" for t in resolve_targets("PACS_DG", "all")])
     first_line = (out / "PACS_DG" / "no_ArtPainting.txt").read_text().splitlines()[0]
     assert first_line == "PACS/kfold/cartoon/dog/img_000.jpg 0"
-    for target in dataset_targets("PACS_DG"):
+    for target in resolve_targets("PACS_DG", "all"):
         from_folders = get_eval_split("PACS_DG", target, str(pacs_root))
         from_lists = get_eval_split("PACS_DG", target, str(pacs_root), path_to_txt=str(out))
         assert from_lists == from_folders

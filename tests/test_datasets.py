@@ -311,20 +311,32 @@ def test_train_samples_dispatch(image_tree, tmp_path):
 
 
 def test_load_truncated_images_decodes_them_grey_filled_with_a_warning(tmp_path):
-    from datasets.image_lists import load_truncated_images
     path = tmp_path / "cut.jpg"
     data = _noise_jpeg(path)
     whole = np.asarray(load_image(str(path))).astype(int)
     path.write_bytes(data[: int(len(data) * 0.6)])
-    load_truncated_images(True)
-    try:
-        with pytest.warns(UserWarning, match=re.escape(f"{path} is truncated")):
-            cut = np.asarray(load_image(str(path))).astype(int)
-    finally:
-        load_truncated_images(False)
+    with pytest.warns(UserWarning, match=re.escape(f"{path} is truncated")):
+        cut = np.asarray(load_image(str(path), load_truncated=True)).astype(int)
     assert cut.shape == whole.shape
     # The top rows decode as before, the rows past the cut are Pillow's grey fill.
     assert np.abs(cut[:8] - whole[:8]).mean() < 3
     assert np.abs(cut[-8:] - 128).max() <= 1
     with pytest.raises(DataError, match="truncated"):
         load_image(str(path))
+
+
+@pytest.mark.parametrize("load_truncated", [True, False], ids=["policy_on", "policy_off"])
+def test_truncated_policy_reaches_spawned_dataloader_workers(tmp_path, load_truncated):
+    """The policy travels with the dataset (pickled to the worker), not through module state that only
+    a forked worker would inherit: spawn is the start method on macOS."""
+    path = tmp_path / "cut.jpg"
+    data = _noise_jpeg(path)
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    dataset = ImageListDataset([(str(path), 3)], eval_transform(16), load_truncated=load_truncated)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, multiprocessing_context="spawn")
+    if load_truncated:
+        (images, labels, _), = list(loader)
+        assert images.shape == (1, 3, 16, 16) and labels.tolist() == [3]
+    else:
+        with pytest.raises(DataError, match=re.escape(f"cannot read image {path}: image file is truncated")):
+            list(loader)

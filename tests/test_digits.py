@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import datasets.digits as digits
-from datasets.benchmarks import dataset_targets, get_eval_split, list_file_names
+from datasets.benchmarks import get_eval_split, list_file_names, resolve_targets
 from datasets.digits import MANIFEST_FILE, prepare_digits
 from datasets.image_lists import DataError, write_list_file
 from datasets.train_lists import train_samples
@@ -190,7 +190,7 @@ def test_errors(data_root, tmp_path):
         digits_train_samples(str(tmp_path))
     with pytest.raises(DataError, match="data root"):
         digits_eval_split("seen", None)
-    assert dataset_targets("Digits") == ["seen", "novel"]
+    assert resolve_targets("Digits", "all") == ["seen", "novel"]
 
 
 def test_tampered_tree_is_refused(tmp_path):

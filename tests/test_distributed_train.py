@@ -332,11 +332,11 @@ def test_two_process_only_eval_gives_the_single_process_results(data, tmp_path):
             assert abs(float(a["normality"]) - float(b["normality"])) <= 1e-6, (scorer, a, b)
         # Not a constant: equal results mean the gathered inputs lined up.
         assert len({round(float(row["normality"]), 6) for row in rows_one}) > N_SCORED // 2, scorer
-    # Rank 0 alone wrote: one TensorBoard event file, no stray temp files.
+    # Rank 0 alone wrote: one TensorBoard event file, the group's figures once, no stray temp files.
     assert len(os.listdir(double / "tensorboard")) == 1
     assert sorted(os.listdir(double / "eval" / group)) == sorted(
         [f"Folder_custom_{scorer}{suffix}" for scorer in scorers for suffix in (".json", "_scores.csv")]
-        + ["Folder_summary.csv", "Folder_summary.json", "manifest.json"])
+        + ["Folder_summary.csv", "Folder_summary.json", "manifest.json", "roc_Folder.png", "scores_Folder.png"])
 
 
 # --- launchers and bad input -----------------------------------------------------------------------

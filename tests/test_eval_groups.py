@@ -10,7 +10,8 @@ import pytest
 
 from evaluation.groups import (GroupError, group_name, latest_group, list_groups, settings_hash,
                                validate_tag, write_group)
-from evaluation.run_settings import RunSettingsError, read_run_args, resolve_run_settings
+from evaluation.run_settings import RunSettingsError, resolve_run_settings
+from utils.run_args import RunArgsError, read_run_args
 
 RECORD = {"checkpoint": "/runs/a", "iteration": 300, "network": "resnet18", "objective": "L2", "depth": 4,
           "embed_dim": 768, "n_heads": 12, "scorers": ["resend"], "image_size": 32, "amp": "none",
@@ -223,26 +224,26 @@ def test_folders_without_args_json_keep_the_defaults(tmp_path):
                             f"{tmp_path}/args.json does not record transf_n_heads; using --transf_n_heads 12"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "cannot read the run's settings .*args.json: Expecting property name"),
-    ("[1, 2]", "args.json should hold a JSON object of flags, got a list"),
-    ('{"image_size": "32"}', r"args.json: image_size is '32', expected an integer >= 32"),
-    ('{"transf_n_heads": 0}', r"args.json: transf_n_heads is 0, expected an integer >= 1"),
-    ('{"image_size": true}', r"args.json: image_size is True, expected an integer >= 32"),
+@pytest.mark.parametrize("content, error, message", [
+    ("{not json", RunArgsError, "cannot read the run's settings .*args.json: Expecting property name"),
+    ("[1, 2]", RunArgsError, "args.json should hold a JSON object of flags, got a list"),
+    ('{"image_size": "32"}', RunSettingsError, r"args.json: image_size is '32', expected an integer >= 32"),
+    ('{"transf_n_heads": 0}', RunSettingsError, r"args.json: transf_n_heads is 0, expected an integer >= 1"),
+    ('{"image_size": true}', RunSettingsError, r"args.json: image_size is True, expected an integer >= 32"),
 ])
-def test_bad_args_json_is_an_error_naming_it(tmp_path, content, message):
+def test_bad_args_json_is_an_error_naming_it(tmp_path, content, error, message):
     (tmp_path / "args.json").write_text(content)
-    with pytest.raises(RunSettingsError, match=message):
+    with pytest.raises(error, match=message):
         resolve_run_settings(str(tmp_path), DEFAULTS, explicit=set())
 
 
 def test_unreadable_args_json_names_the_path(tmp_path):
     (tmp_path / "args.json").mkdir()  # unreadable for root too
-    with pytest.raises(RunSettingsError, match=f"cannot read the run's settings {tmp_path}/args.json: Is a directory"):
+    with pytest.raises(RunArgsError, match=f"cannot read the run's settings {tmp_path}/args.json: Is a directory"):
         read_run_args(str(tmp_path))
     (tmp_path / "args.json").rmdir()
     (tmp_path / "args.json").write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(RunSettingsError, match="cannot read the run's settings .*args.json"):
+    with pytest.raises(RunArgsError, match="cannot read the run's settings .*args.json"):
         read_run_args(str(tmp_path))
 
 

@@ -13,16 +13,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("utils", "datasets", "models", "evaluation", "training")
 LAYER = {"utils": 0, "datasets": 1, "models": 1, "evaluation": 2, "training": 3, "cli": 4}
-CLI_MODULES = {"train", "evaluation.run"}
+CLI_MODULES = {"train", "evaluation.run", "evaluation.export_run"}
 
 
 def project_modules() -> dict:
-    """Module name -> source path of every project module (packages and train.py)."""
+    """Module name -> source path of every project module (train.py, and packages' modules at any depth).
+
+    A sub-package is a module of its own, its `__init__.py` (`evaluation.scorers`), so that
+    `from evaluation.scorers import X` counts as importing it.
+    """
     modules = {"train": ROOT / "train.py"}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
-            if path.name != "__init__.py":
-                modules[f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+                if len(parts) == 1:  # a top-level package's (empty) __init__.py: no module of its own
+                    continue
+            modules[".".join(parts)] = path
     return modules
 
 
@@ -71,3 +79,15 @@ def test_no_module_imports_a_layer_above_its_own(module):
     above = sorted(dep for dep in imported_project_modules(modules[module], modules)
                    if layer_of(dep) > layer_of(module))
     assert above == [], f"{module} (layer {layer_of(module)}) imports {above}"
+
+
+def test_sub_packages_are_looked_into(tmp_path):
+    modules = project_modules()
+    assert modules["evaluation.scorers.base"] == ROOT / "evaluation" / "scorers" / "base.py"
+    assert modules["evaluation.scorers"] == ROOT / "evaluation" / "scorers" / "__init__.py"
+    source = tmp_path / "probe.py"
+    source.write_text("from evaluation.scorers import SCORERS\nfrom evaluation.scorers import base\n"
+                      "import training.state\n")
+    assert imported_project_modules(source, modules) == {"evaluation.scorers", "evaluation.scorers.base",
+                                                         "training.state"}
+    assert layer_of("evaluation.scorers.base") == LAYER["evaluation"]

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import train
-from evaluation.map_figures import extreme_indices, plot_novelty_maps, write_map_figures
+from evaluation.map_figures import extreme_indices, map_figures, plot_novelty_maps
 from evaluation.metrics import auroc
-from evaluation.scorers import SCORERS, FeatureBatch, ScoringInputs, build_scorer
+from evaluation.scorers import SCORERS, FeatureBatch, FitCache, ScoringInputs, build_scorer
 from evaluation.scorers.classifier import ash_b, fit_linear_head
 from evaluation.scorers.density import AffineCoupling, CouplingFlow
 from evaluation.scorers.latent import balanced_batches
@@ -99,7 +99,7 @@ def test_folded_head_reproduces_the_linear_probe():
         keep = inputs.support.labels < n_classes
         feats = inputs.support.feats[keep].double().numpy()
         labels = inputs.support.labels[keep].numpy()
-        weight, bias = fit_linear_head(feats, labels, 1000)
+        weight, bias = fit_linear_head(feats, labels, 1000, FitCache())
         scaler = StandardScaler().fit(feats)
         probe = LogisticRegression(solver="lbfgs", max_iter=1000).fit(scaler.transform(feats), labels)
         x = scored.feats.double().numpy()
@@ -147,7 +147,14 @@ def test_the_head_is_fitted_once_per_support_set():
     inputs, scored, _, _ = relu_problem()
     energy, _ = fit_score("energy", inputs, scored)
     ash, _ = fit_score("ash_b", inputs, scored)
-    assert torch.equal(energy.weight, ash.weight)
+    probe, _ = fit_score("linear_probe", inputs, scored)
+    assert torch.equal(energy.weight, ash.weight) and inputs.fits.fits == 1
+    # The fit belongs to the evaluation's FitCache, not to the module: another evaluation fits its own.
+    other = ScoringInputs(inputs.support)
+    fit_score("max_logit", other, scored)
+    assert other.fits.fits == 1 and other.fits is not inputs.fits
+    SCORERS["energy"](max_iter=50).fit(inputs)  # another max_iter is another probe
+    assert inputs.fits.fits == 2
 
 
 # ------------------------------------------------------------------------------------------------------ flow
@@ -303,9 +310,9 @@ def test_engine_hands_feature_maps_and_keeps_the_maps(image_tree, tmp_path):
     # 2 x 2 maps: the worst location, not the pooled feature.
     assert not np.allclose(mapped.normality, cosine.normality)
     np.testing.assert_allclose(mapped.normality, 1 - mapped.maps.reshape(len(mapped.maps), -1).max(axis=1), atol=1e-6)
-    written = write_map_figures([mapped, cosine], str(tmp_path / "figures"), 2)
+    written = [draw(str(tmp_path / "figures" / name)) for name, draw in map_figures([mapped, cosine], 2)]
     assert [p.split("/")[-1] for p in written] == ["maps_PACS_DG_Photo.png"]
-    assert write_map_figures([mapped], str(tmp_path / "none"), 0) == []
+    assert map_figures([mapped], 0) == []
 
 
 def test_feature_maps_are_kept_only_for_the_parts_that_ask(image_tree, tmp_path):

@@ -21,6 +21,7 @@ from models.checkpoint import CheckpointError, load_model_folder
 from tests.conftest import save_informative_checkpoint
 from tests.authors_reference import (reference_auroc, reference_features, reference_fpr95, reference_knn,
                                      reference_most_significant, reference_resend)
+from utils.run_args import RunArgsError
 
 REPO = Path(__file__).resolve().parents[1]
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
@@ -369,7 +370,7 @@ def test_args_json_that_disagrees_with_the_checkpoint_is_reported(pacs_root, run
 
 def test_unreadable_args_json_is_an_error_naming_it(pacs_root, run_folder):
     (run_folder / "args.json").write_text('{"image_size": 32,')
-    with pytest.raises(RunSettingsError, match=f"cannot read the run's settings {run_folder}/args.json"):
+    with pytest.raises(RunArgsError, match=f"cannot read the run's settings {run_folder}/args.json"):
         run(eval_argv(pacs_root, run_folder, "--target", "ArtPainting", image_size=None))
     assert not (run_folder / "eval").exists()
 

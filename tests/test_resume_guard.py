@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ import train
 from models.checkpoint import load_model_folder
 from tests.test_run_folder import RUN, snapshot
 from tests.test_training import final_state, interrupt_at, run, train_argv
-from training.state import RESUME_FREE, RESUME_MAY_CHANGE, RESUME_MUST_MATCH, ResumeMismatchError
+from evaluation.scorers import SCORERS, Scorer, hyperparameter, register_scorer
+from training.state import (RESUME_MAY_CHANGE, RESUME_MUST_MATCH, ResumeMismatchError, resume_differences,
+                            resume_free)
 from training.stopping import TrainingInterrupted
 
 GENERATION_FILES = ("feature_extractor.pkl", "cls_rel.pkl", "last_checkpoint.txt", "checkpoint.pth")
@@ -37,11 +40,30 @@ def trained(train_root, tmp_path):
 def test_every_flag_is_classified_for_resume():
     dests = {action.dest for action in train.get_args_parser()._actions if action.dest != "help"}
     lists = {"RESUME_MUST_MATCH": set(RESUME_MUST_MATCH), "RESUME_MAY_CHANGE": set(RESUME_MAY_CHANGE),
-             "RESUME_FREE": set(RESUME_FREE)}
+             "resume_free()": set(resume_free())}
     classified = [name for names in lists.values() for name in names]
     assert len(classified) == len(set(classified)), "a setting is in two lists"
     assert sorted(dests - set(classified)) == [], "classify these flags in training/state.py"
     assert sorted(set(classified) - dests - RUNTIME_ARGS) == [], "no such flag"
+
+
+def test_the_flag_of_a_scorer_registered_after_import_is_free_on_resume():
+    assert "test_late_margin" not in resume_free()
+    try:
+        @register_scorer("test_late_scorer", "registered after training.state was imported")
+        @dataclass
+        class LateScorer(Scorer):
+            margin: float = hyperparameter(0.5, "a margin", flag="test_late_margin")
+
+        assert "test_late_margin" in resume_free()
+        refused, changed = resume_differences({"test_late_margin": 0.5, "seed": 0},
+                                              {"test_late_margin": 0.9, "seed": 0})
+        assert (refused, changed) == ({}, {})
+    finally:
+        SCORERS.pop("test_late_scorer", None)
+    assert "test_late_margin" not in resume_free()
+    refused, _ = resume_differences({"test_late_margin": 0.5}, {"test_late_margin": 0.9})
+    assert refused == {"test_late_margin": (0.5, 0.9)}
 
 
 def test_a_changed_learning_rate_is_refused_naming_the_flag_and_both_values(train_root, tmp_path, trained):

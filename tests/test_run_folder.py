@@ -22,6 +22,7 @@ from training.run_folder import RunFolderError, claim_run_folder
 from training.settings import ResumeSettings, RunSettings
 from training.state import Checkpoints
 from utils.atomic_files import host_name
+from utils.run_args import RunArgsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN = "Folder_resnet18_rel_transformer"
@@ -123,6 +124,21 @@ def test_auto_resume_refuses_the_leftovers_of_a_run_with_other_settings(train_ro
                                                        "other settings (--learning_rate 0.5 -> 0.008")):
         run(train_argv(train_root, out, "--iterations", "2", "--auto_resume"))
     assert os.listdir(folder) == ["args.json"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"seed": 0', "cannot read the run's settings {}: Expecting ',' delimiter"),
+    ("[0]", "{} should hold a JSON object of flags, got a list"),
+])
+def test_auto_resume_refuses_an_unreadable_args_json_naming_it(train_root, tmp_path, content, message):
+    """The same reader, and the same message, as evaluation's (utils/run_args.py); the file is left as it was."""
+    out = tmp_path / "out"
+    folder = out / RUN
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(content)
+    with pytest.raises(RunArgsError, match=re.escape(message.format(folder / "args.json"))):
+        run(train_argv(train_root, out, "--iterations", "2", "--auto_resume"))
+    assert os.listdir(folder) == ["args.json"] and (folder / "args.json").read_text() == content
 
 
 KILLED_ATTEMPT = """

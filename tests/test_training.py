@@ -165,7 +165,7 @@ def test_loss_falls(tmp_path):
             Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
     out = tmp_path / "out"
     # A gentle sigmoid (c=1) and no colour augmentation: from random init, the authors' c=10 needs
-    # far more steps before the loss moves (see README, the embedded demo).
+    # far more steps before the loss moves (see docs/demo.md).
     run(train_argv(root, out, "--iterations", "40", "--batch_size", "16", "--optimizer", "sgd",
                    "--learning_rate", "0.03", "--warmup", "5", "--clip_grad", "1.0", "--head_init", "zero",
                    "--sigmoid_compression", "1", "--prob_jitter", "0", "--random_grayscale", "0",
@@ -228,7 +228,7 @@ def test_settings_are_built_once_from_the_flags(train_root, tmp_path):
         ProcessSettings, PeriodicEvalSettings]
     assert settings.data == DataSettings(dataset="Folder", target=None, data_root=args.data_root, path_to_txt=None,
                                          train_dir=str(train_root), neg_to_pos_ratio=1, class_balancing=True,
-                                         batch_size=8, num_workers=0, seed=0)
+                                         batch_size=8, num_workers=0, seed=0, load_truncated_images=False)
     assert settings.optimisation == Optimisation(
         optimizer="lars", momentum=0.9, weight_decay=5e-4, accum_steps=3, clip_grad=2.5, amp="none",
         schedule=Schedule(learning_rate=0.008, warmup=1, step_after=13000, lr_schedule="step", iterations=7))

@@ -3,17 +3,18 @@
 Digits (scikit-learn's copy of the UCI handwritten digits) needs no download, so the whole method -
 pair training, prototypes, relational scoring, metrics, TensorBoard, figures - runs on a laptop CPU
 in a few minutes. The settings below differ from the ImageNet recipe only where training from
-scratch on tiny data needs it (see README, "The embedded demo").
+scratch on tiny data needs it (see docs/demo.md).
 """
 import argparse
 import os
-from typing import Dict, Iterable
+import shutil
+from typing import Dict, Iterable, List
 
 from datasets.digits import digits_root, prepare_digits
 from evaluation.report import format_table
 from evaluation.groups import latest_group
-from evaluation.plots import plot_roc, plot_score_histograms, read_eval_dir
 from training.run_folder import folder_size
+from utils.atomic_files import atomic_open
 from utils.distributed import barrier, is_main_process
 
 # Each value is applied unless the same flag was given on the command line.
@@ -59,7 +60,7 @@ DEMO_SETTINGS: Dict[str, object] = {
     "evaluator": "resend,prototype_cosine,prototype_distance,knn,mahalanobis,featurenorm,linear_probe,"
                  "energy,max_logit,react,ash_b,flow,latent_vae,prototype_map",
     # The anomaly-map figure of prototype_map: at 32 px the backbone's last feature map is 1 x 1, so
-    # each image gets one cell (README, "Anomaly maps", shows 4 x 4 maps of the same run at 128 px).
+    # each image gets one cell (docs/baselines.md shows 4 x 4 maps of the same run at 128 px).
     "save_maps": 4,
     "eval_batch_size": 256,
 }
@@ -78,8 +79,27 @@ def apply_demo_settings(args: argparse.Namespace, explicit: Iterable[str]) -> ar
     return args
 
 
+def copy_group_figures(group: str, figures: str, dataset: str) -> List[str]:
+    """Copy a result group's `roc_<dataset>.png` and `scores_<dataset>.png` to `figures/`; the paths written.
+
+    The group's figures were drawn with it (one that could not be drawn was a warning then); one that
+    is missing or cannot be copied is a warning here too.
+    """
+    written = []
+    for name, source_name in (("roc.png", f"roc_{dataset}.png"), ("score_histograms.png", f"scores_{dataset}.png")):
+        source, target = os.path.join(group, source_name), os.path.join(figures, name)
+        try:
+            with open(source, "rb") as drawn, atomic_open(target, "wb") as out:
+                shutil.copyfileobj(drawn, out)
+        except OSError as error:
+            print(f"warning: {target} not written: {error.strerror or error} ({error.filename or source})", flush=True)
+            continue
+        written.append(target)
+    return written
+
+
 def run_demo(args: argparse.Namespace) -> str:
-    """Prepare Digits if absent, train, evaluate both targets, print the table, draw the figures."""
+    """Prepare Digits if absent, train, evaluate both targets, print the table, copy the figures to figures/."""
     from training.main import run_training  # after the demo settings are applied
     from training.settings import TrainingSettings
 
@@ -92,17 +112,10 @@ def run_demo(args: argparse.Namespace) -> str:
     folder, results = run_training(TrainingSettings.from_args(args))
     if is_main_process() and results:
         print(format_table(results), flush=True)
-        # The figures are drawn from the files of the final evaluation, as media/make_demo_figures.py does.
-        group = latest_group(folder, kind="periodic", dataset=args.dataset, iteration=args.iterations).path
-        figures = os.path.join(folder, "figures")
-        try:
-            records = read_eval_dir(group)
-            drawn = [plot_roc(records, os.path.join(figures, "roc.png")),
-                     plot_score_histograms(records, os.path.join(figures, "score_histograms.png"))]
-            drawn += sorted(os.path.join(group, name) for name in os.listdir(group) if name.startswith("maps_"))
-        except OSError as error:
-            print(f"warning: figures not written to {figures}: {error.strerror or error}", flush=True)
-            drawn = []
-        print(f"run folder: {folder} ({folder_size(folder)})\nresults: {group}\nfigures: {', '.join(drawn) or 'none'}\n"
+        # The final evaluation's group holds its figures: figures/ gets the ROC and histograms under fixed names.
+        final = latest_group(folder, kind="periodic", dataset=args.dataset, iteration=args.iterations)
+        drawn = copy_group_figures(final.path, os.path.join(folder, "figures"), args.dataset)
+        drawn += sorted(os.path.join(final.path, name) for name in final.manifest["files"] if name.startswith("maps_"))
+        print(f"run folder: {folder} ({folder_size(folder)})\nresults: {final.path}\nfigures: {', '.join(drawn) or 'none'}\n"
               f"TensorBoard: tensorboard --logdir {os.path.join(folder, 'tensorboard')}")
     return folder

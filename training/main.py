@@ -19,7 +19,8 @@ from datasets.train_lists import DEFAULT_EVAL_DATASET, train_samples
 from evaluation.evaluate import EvalResult, evaluate_splits, load_splits
 from evaluation.report import write_results
 from models.backbone import ResNetBackbone
-from models.checkpoint import load_model_folder
+from models.backbone_file import BackboneFile, load_backbone_file
+from models.checkpoint import CheckpointError, load_model_folder
 from models.relational import RelationalTransformer
 from models.resend import ReSeND
 from training.engine import Engine, Hooks, Progress
@@ -63,7 +64,8 @@ def build_pair_stream(samples: List[Sample], data: DataSettings, augmentation: A
     settings = augmentation.settings()
     return PairStream(samples, settings.pil_transform(), data.neg_to_pos_ratio, data.class_balancing, data.batch_size,
                       data.num_workers, data.seed, get_rank(), get_world_size(), pin_memory=device.type == "cuda",
-                      device_augment=(settings, device) if augmentation.on_device else None)
+                      device_augment=(settings, device) if augmentation.on_device else None,
+                      load_truncated=data.load_truncated_images)
 
 
 def periodic_eval_splits(evaluation: PeriodicEvalSettings, training_dataset: str) -> Tuple[List[EvalSplit], str]:
@@ -84,6 +86,21 @@ def periodic_eval_splits(evaluation: PeriodicEvalSettings, training_dataset: str
         # The training itself does not depend on the evaluation data.
         return [], f"periodic evaluation on {dataset} skipped: {error}"
     return splits, f"periodic evaluation on {dataset}: " + ", ".join(s.target for s in splits)
+
+
+def load_eval_backbone(evaluation: PeriodicEvalSettings, model: ReSeND,
+                       device: torch.device) -> Optional[Tuple[ResNetBackbone, BackboneFile]]:
+    """The backbone of --backbone_checkpoint, which the periodic evaluation puts under the relational
+    module being trained (None without it); its width is checked against the module's input."""
+    path = evaluation.backbone_checkpoint
+    if path is None:
+        return None
+    backbone, info = load_backbone_file(path)
+    if backbone.feat_dim != model.relational.feat_dim:
+        raise CheckpointError(f"--backbone_checkpoint {path} is a {info.network} with {backbone.feat_dim}-d features "
+                              f"but the relational module being trained takes {model.relational.feat_dim}-d features "
+                              f"(a {model.backbone.network} backbone)")
+    return backbone.to(device).eval(), info
 
 
 def restore_training_state(run: RunFolder, model: ReSeND, optimizer: torch.optim.Optimizer,
@@ -117,13 +134,23 @@ def wrap_for_processes(model: ReSeND, process: ProcessSettings) -> torch.nn.Modu
 
 
 class PeriodicEvaluation:
-    """The engine's evaluation hook: evaluate, log and write the results, and switch `best` when they score highest."""
+    """The engine's evaluation hook: evaluate, log and write the results, and switch `best` when they score highest.
+
+    With `eval_backbone` (--backbone_checkpoint) the relational module being trained is scored on that
+    backbone's features instead of the trained backbone's, and `best` follows those scores.
+    """
 
     def __init__(self, splits: List[EvalSplit], evaluation: PeriodicEvalSettings, model: ReSeND, folder: str,
                  checkpoints: Checkpoints, save: Callable[[int], None], device: torch.device,
-                 log: logging.Logger, tb_writer: TensorBoardWriter) -> None:
+                 log: logging.Logger, tb_writer: TensorBoardWriter,
+                 eval_backbone: Optional[Tuple[ResNetBackbone, BackboneFile]] = None) -> None:
         self.splits, self.scoring = splits, evaluation.scoring
-        self.record = evaluation.record(folder, model.backbone, model.relational)
+        self.eval_backbone = None if eval_backbone is None else eval_backbone[0]
+        backbone_file = None if eval_backbone is None else eval_backbone[1]
+        self.record = evaluation.record(folder, model.backbone if self.eval_backbone is None else self.eval_backbone,
+                                        model.relational, backbone_file=backbone_file)
+        if backbone_file is not None and splits:
+            log.info("periodic evaluation scores with the %s", backbone_file.describe())
         self.model, self.folder, self.checkpoints, self.save = model, folder, checkpoints, save
         self.device, self.log, self.tb_writer = device, log, tb_writer
         self.results: List[EvalResult] = []  # of the last evaluation
@@ -132,8 +159,8 @@ class PeriodicEvaluation:
         """Evaluate the model of `iteration` (nothing without evaluation data)."""
         if not self.splits:
             return
-        self.results = evaluate_splits(self.splits, self.model.backbone, self.model.relational, self.scoring,
-                                       self.device)
+        backbone = self.model.backbone if self.eval_backbone is None else self.eval_backbone
+        self.results = evaluate_splits(self.splits, backbone, self.model.relational, self.scoring, self.device)
         # The numbers reach the log before any file is written: a failed write loses none of them.
         for result in self.results:
             self.log.info("eval it %d %s/%s %s: auroc %.4f fpr95 %.4f", iteration, result.dataset, result.target,
@@ -160,6 +187,7 @@ def run_training(settings: TrainingSettings) -> Tuple[str, List[EvalResult]]:
     stream = build_pair_stream(samples, data, settings.augmentation, device)
     eval_splits, eval_note = periodic_eval_splits(settings.evaluation, data.dataset)
     model = build_model(settings.model, settings.objective, device)
+    eval_backbone = load_eval_backbone(settings.evaluation, model, device)
     # Every check above runs before the run folder exists: bad input leaves nothing behind.
     run = prepare_run_folder(settings.run, settings.resume, settings.flags)
     checkpoints = Checkpoints(run.path, run.resume_generation, run.resume_iteration, run.best)
@@ -172,7 +200,7 @@ def run_training(settings: TrainingSettings) -> Tuple[str, List[EvalResult]]:
         with stop:
             tb_writer = TensorBoardWriter(os.path.join(run.path, "tensorboard"), enabled=is_main_process())
             return _train_in_run_folder(settings, run, samples, stream, eval_splits, eval_note, model, log,
-                                        tb_writer, checkpoints, stop, progress)
+                                        tb_writer, checkpoints, stop, progress, eval_backbone)
     except BaseException as error:
         if tb_writer is not None:
             tb_writer.close()
@@ -234,7 +262,8 @@ def _log_start(run: RunFolder, log: logging.Logger) -> None:
 def _train_in_run_folder(settings: TrainingSettings, run: RunFolder, samples: List[Sample], stream: PairStream,
                          eval_splits: List[EvalSplit], eval_note: str, model: ReSeND, log: logging.Logger,
                          tb_writer: TensorBoardWriter, checkpoints: Checkpoints, stop: StopSignals,
-                         progress: Progress) -> Tuple[str, List[EvalResult]]:
+                         progress: Progress, eval_backbone: Optional[Tuple[ResNetBackbone, BackboneFile]] = None
+                         ) -> Tuple[str, List[EvalResult]]:
     """Build the optimiser, resume, wrap for DDP and run the engine, in a run folder that exists."""
     device, optimisation = settings.process.device, settings.optimisation
     _log_start(run, log)
@@ -267,7 +296,7 @@ def _train_in_run_folder(settings: TrainingSettings, run: RunFolder, samples: Li
                          settings.flags)
 
     evaluation = PeriodicEvaluation(eval_splits, settings.evaluation, unwrapped, run.path, checkpoints,
-                                    save_generation, device, log, tb_writer)
+                                    save_generation, device, log, tb_writer, eval_backbone)
     engine = Engine(model=trained, optimizer=optimizer, scaler=scaler, batches=stream.batches(progress.micro_step),
                     objective=settings.objective, optimisation=optimisation, run=settings.run, device=device,
                     progress=progress, hooks=Hooks(save=save_generation, evaluate=evaluation), stop=stop,

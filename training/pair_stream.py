@@ -78,9 +78,11 @@ class PairStream:
     def __init__(self, samples: Sequence[Sample], transform: Callable, neg_to_pos_ratio: int,
                  class_balancing: bool, batch_size: int, num_workers: int, seed: int, rank: int,
                  world_size: int, pin_memory: bool,
-                 device_augment: Optional[Tuple[AugmentSettings, torch.device]] = None) -> None:
+                 device_augment: Optional[Tuple[AugmentSettings, torch.device]] = None,
+                 load_truncated: bool = False) -> None:
         """`device_augment` (settings, device): workers read bytes and draw parameters, the batch is decoded
-        and augmented on the device (the same parameters as `transform` would draw per image)."""
+        and augmented on the device (the same parameters as `transform` would draw per image).
+        `load_truncated` (--load_truncated_images) goes to every pass's dataset, and with it to the workers."""
         self.samples: List[Sample] = list(samples)
         self.labels = np.fromiter((label for _, label in self.samples), dtype=np.int64,
                                   count=len(self.samples))
@@ -94,6 +96,7 @@ class PairStream:
         self.world_size = world_size
         self.pin_memory = pin_memory
         self.device_augment = device_augment
+        self.load_truncated = load_truncated
         # The number of pairs per pass does not depend on the draw, so it is known up front.
         n_classes = len(np.unique(self.labels))
         if class_balancing:
@@ -110,7 +113,7 @@ class PairStream:
     def _loader(self, pass_index: int, skip_batches: int) -> DataLoader:
         anchor_idx, other_idx, relation = make_pairs(self.labels, self.neg_to_pos_ratio,
                                                      self.class_balancing, pass_rng(self.seed, pass_index))
-        pairs = PairDataset(self.samples, anchor_idx, other_idx, relation, self.transform)
+        pairs = PairDataset(self.samples, anchor_idx, other_idx, relation, self.transform, self.load_truncated)
         if self.device_augment is not None:
             pairs = PairBytesDataset(pairs, self.device_augment[0])
         dataset = SeededItems(pairs, self.seed, pass_index)

@@ -16,17 +16,16 @@ from training.state import (
 )
 from utils.atomic_files import TempSweep, atomic_write_text, remove_stale_temps
 from utils.distributed import broadcast_object, is_main_process
-
-ARGS_FILE = "args.json"
+from utils.run_args import RUN_ARGS_FILE, read_run_args
 # What an attempt of a run writes before its first checkpoint: --auto_resume may reuse a folder
 # holding only these (and temp files); anything else was put there by someone else.
-_WRITTEN_BEFORE_FIRST_CHECKPOINT = ("out.txt", ARGS_FILE, "args.yaml", "tensorboard", CHECKPOINTS_DIR, "eval")
+_WRITTEN_BEFORE_FIRST_CHECKPOINT = ("out.txt", RUN_ARGS_FILE, "args.yaml", "tensorboard", CHECKPOINTS_DIR, "eval")
 # Lists in args.json that keep every earlier resume's differences, so that no old value is lost.
 _HISTORY_KEYS = ("resume_overrides", "resume_changes")
 
 
 class RunFolderError(ValueError):
-    """The run folder cannot be used: foreign files, an unreadable args.json, a file in the way."""
+    """The run folder cannot be used: foreign files, a file in the way (an unreadable args.json: RunArgsError)."""
 
 
 @dataclass
@@ -46,25 +45,9 @@ class RunFolder:
     swept: TempSweep = field(default_factory=TempSweep)
 
 
-def _read_args_json(folder: str) -> Optional[Dict[str, Any]]:
-    """The folder's args.json, or None when it has none."""
-    path = os.path.join(folder, ARGS_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            record = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise RunFolderError(f"cannot read {path} ({type(error).__name__}: {error}); "
-                             "it keeps the run's settings: repair or remove it") from error
-    if not isinstance(record, dict):
-        raise RunFolderError(f"{path} holds a {type(record).__name__}, not the run's settings")
-    return record
-
-
 def _history(folder: str) -> Dict[str, List[Any]]:
     """The resume records of the folder's args.json (empty when it has none)."""
-    record = _read_args_json(folder) or {}
+    record = read_run_args(folder) or {}
     return {key: list(record.get(key, [])) for key in _HISTORY_KEYS}
 
 
@@ -77,7 +60,7 @@ def _resumed(folder: str, state_path: str, resume: ResumeSettings, flags: Mappin
         raise ResumeMismatchError(
             f"{flag}: {state_path} was trained with other settings: {format_differences(refused)}; "
             "resume with the same flags, or add --resume_override to continue with the new ones "
-            f"(recorded in {ARGS_FILE})")
+            f"(recorded in {RUN_ARGS_FILE})")
     generation = os.path.dirname(state_path)
     best, warning = read_best_score(folder)
     return RunFolder(path=folder, created=False, resume_state=state_path, resume_iteration=int(state["iteration"]),
@@ -101,13 +84,13 @@ def _reuse_for_auto_resume(folder: str, resume: ResumeSettings, flags: Mapping[s
             f"--auto_resume: {folder} holds files this project's training did not write ({', '.join(foreign)}) "
             "and no checkpoint to resume; they are left untouched: move them elsewhere, or choose another "
             "--checkpoint_folder_path or --suffix")
-    earlier = _read_args_json(folder)
+    earlier = read_run_args(folder)
     if earlier is not None:
         # Only what the earlier attempt recorded: an args.json of another version may hold fewer settings.
         refused, _ = resume_differences(earlier, flags, unrecorded_differ=False)
         if refused and not resume.resume_override:
             raise RunFolderError(
-                f"--auto_resume: {os.path.join(folder, ARGS_FILE)} belongs to a run with other settings "
+                f"--auto_resume: {os.path.join(folder, RUN_ARGS_FILE)} belongs to a run with other settings "
                 f"({format_differences(refused)}) that saved no checkpoint; remove that folder or use "
                 "another --suffix")
     return RunFolder(path=folder, created=False, history=_history(folder))
@@ -207,7 +190,7 @@ def save_args(run: RunFolder, flags: Mapping[str, Any]) -> None:
         key: (str(value) if not isinstance(value, (int, float, str, bool, type(None), list)) else value)
         for key, value in sorted(flags.items())}
     plain.update(resume_record(run))
-    atomic_write_text(os.path.join(run.path, ARGS_FILE), json.dumps(plain, indent=2) + "\n")
+    atomic_write_text(os.path.join(run.path, RUN_ARGS_FILE), json.dumps(plain, indent=2) + "\n")
     atomic_write_text(os.path.join(run.path, "args.yaml"), yaml.safe_dump(plain, sort_keys=True))
 
 

@@ -17,8 +17,9 @@ from evaluation.evaluate import EvalSettings
 from evaluation.settings import eval_settings, settings_record
 from utils.optim import lr_at_iteration
 
-# Builds the settings part of an evaluation result record from (checkpoint, backbone, relational).
-RecordFn = Callable[[str, torch.nn.Module, Optional[torch.nn.Module]], Dict[str, Any]]
+# Builds the settings part of an evaluation result record from (checkpoint, backbone, relational), and
+# the keyword backbone_file (models.backbone_file.BackboneFile) when the backbone came from its own file.
+RecordFn = Callable[..., Dict[str, Any]]
 
 
 def _refuse(checks: Iterable[Tuple[bool, str]]) -> None:
@@ -42,6 +43,7 @@ class DataSettings:
     batch_size: int  # pairs per process per micro-step
     num_workers: int
     seed: int
+    load_truncated_images: bool  # decode truncated image files grey-filled instead of refusing them
 
     def __post_init__(self) -> None:
         _refuse([
@@ -58,7 +60,8 @@ class DataSettings:
         return cls(dataset=args.dataset, target=args.target, data_root=args.data_root,
                    path_to_txt=args.path_to_txt, train_dir=args.train_dir,
                    neg_to_pos_ratio=args.neg_to_pos_ratio, class_balancing=args.class_balancing,
-                   batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed)
+                   batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+                   load_truncated_images=args.load_truncated_images)
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,7 @@ class PeriodicEvalSettings:
     path_to_txt: Optional[str]
     source_dir: Optional[str]
     target_dir: Optional[str]
+    backbone_checkpoint: Optional[str]  # a backbone file the evaluation uses instead of the trained backbone
     scoring: EvalSettings
     record: RecordFn  # evaluation.settings.settings_record bound to these flags (the record of each result)
 
@@ -265,7 +269,8 @@ class PeriodicEvalSettings:
         scoring = eval_settings(args)
         return cls(dataset=args.eval_dataset, target=args.eval_target, data_root=args.data_root,
                    path_to_txt=args.path_to_txt, source_dir=args.source_dir, target_dir=args.target_dir,
-                   scoring=scoring, record=functools.partial(settings_record, args, scoring, iteration=None))
+                   backbone_checkpoint=args.backbone_checkpoint, scoring=scoring,
+                   record=functools.partial(settings_record, args, scoring, iteration=None))
 
 
 @dataclass(frozen=True)

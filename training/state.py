@@ -49,17 +49,28 @@ RESUME_MAY_CHANGE = (
     "data_root", "batch_size", "accum_steps", "world_size", "amp", "sync_bn", "num_workers", "pretrained",
     "dist_backend", "load_truncated_images", "no_tf32", "device_augment",
 )
-# Not compared: how this process runs and reports, not what it trains; the scorers' hyperparameter
-# flags (from the scorer registry) only change how the periodic evaluation scores.
+# Not compared: how this process runs and reports, not what it trains (with the scorers' flags: see
+# resume_free).
 RESUME_FREE = (
     "checkpoint_folder_path", "suffix", "resume", "auto_resume", "resume_override", "save_on_interrupt",
     "log_period", "save_period", "eval_period", "eval_dataset", "eval_target", "source_dir", "target_dir",
     "eval_batch_size", "few_shot", "most_significant_prototypes", "knn_distance_evaluator", "evaluator",
-    "backbone_only", "only_eval", "demo", "local_rank", "distributed", "device",
-    "dist_timeout_minutes", "debug_errors", "quiet", "tag", *scorer_flags(),
+    "backbone_only", "only_eval", "export", "demo", "local_rank", "distributed", "device",
+    # The periodic evaluation's backbone, like --eval_dataset and --evaluator: what is scored, not what
+    # is trained. As with them, `best` compares the scores of before and after a change.
+    "backbone_checkpoint",
+    "dist_timeout_minutes", "debug_errors", "quiet", "tag",
     "explicit_flags",  # which flags were typed (train.parse_command_line), not their values
 )
 _PATH_ARGS = ("train_dir", "path_to_txt", "backbone_weights", "data_root", "pretrained")
+
+
+def resume_free() -> Tuple[str, ...]:
+    """RESUME_FREE and the flags of the scorers registered now (read per comparison: late registrations count).
+
+    A scorer's hyperparameter flags only change how the periodic evaluation scores.
+    """
+    return RESUME_FREE + tuple(scorer_flags())
 
 
 class CheckpointWriteError(OSError):
@@ -143,13 +154,14 @@ def resume_differences(stored: Mapping[str, Any], flags: Mapping[str, Any], unre
     """(differences a resume refuses, differences it accepts), each {name: (checkpoint's, new)}.
 
     A setting the checkpoint did not record counts as a difference (unless unrecorded_differ is
-    False); one that none of the RESUME_*
-    lists classifies is refused (unless --resume_override is given), as if it changed the model.
+    False); one that neither RESUME_MAY_CHANGE nor resume_free()
+    classifies is refused (unless --resume_override is given), as if it changed the model.
     """
     refused: Dict[str, Tuple[Any, Any]] = {}
     accepted: Dict[str, Tuple[Any, Any]] = {}
+    free = resume_free()
     for name, new in sorted(flags.items()):
-        if name in RESUME_FREE:
+        if name in free:
             continue
         if not isinstance(new, (int, float, str, bool, type(None))):
             new = str(new)

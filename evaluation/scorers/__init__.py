@@ -8,8 +8,9 @@ file needs nothing else.
 from evaluation.scorers import resend  # noqa: F401  (isort: skip)
 from evaluation.scorers import distance, featurenorm, probe  # noqa: F401  (isort: skip)
 from evaluation.scorers import classifier, density, latent, maps  # noqa: F401  (isort: skip)
-from evaluation.scorers.base import (SCORERS, FeatureBatch, PairLogits, Scorer, ScoreResult, ScoringInputs,
-                                     build_scorer, hyperparameter, register_scorer, scorer_flags)
+from evaluation.scorers.base import (SCORERS, FeatureBatch, FitCache, PairLogits, Scorer, ScoreResult,
+                                     ScoringInputs, build_scorer, fit_scorer, hyperparameter, register_scorer,
+                                     scorer_flags)
 
-__all__ = ["SCORERS", "FeatureBatch", "PairLogits", "Scorer", "ScoreResult", "ScoringInputs", "build_scorer",
-           "hyperparameter", "register_scorer", "scorer_flags"]
+__all__ = ["SCORERS", "FeatureBatch", "FitCache", "PairLogits", "Scorer", "ScoreResult", "ScoringInputs",
+           "build_scorer", "fit_scorer", "hyperparameter", "register_scorer", "scorer_flags"]

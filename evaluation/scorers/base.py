@@ -9,21 +9,22 @@ A scorer is one class (a dataclass whose fields are its hyperparameters) registe
         def fit(self, inputs: ScoringInputs) -> None: ...
         def score(self, scored: FeatureBatch) -> ScoreResult: ...
 
-`fit` receives one `ScoringInputs` bundle: the support features with their labels, and what the
-scorer declares it needs (`needs_pair_logits`: the relational module's raw pair logits;
-`needs_block_norms`: per-block FeatureNorms of the support, jigsaw-shuffled support and scored
-images; `needs_feature_maps`: the backbone's last feature map of the scored images). `score`
-receives the scored features. The evaluation engine hands every scorer the same
-bundle; `build_scorer(name, options)` sets each hyperparameter from the command-line flag named in
-its field (`options` maps flag names to values). The command line's `--evaluator` choices, the
-flags of the hyperparameters and the parametrised tests all read `SCORERS`.
+`fit` receives one `ScoringInputs` bundle: the support features with their labels, the evaluation's
+`FitCache` (fits that several scorers share, e.g. the linear probe), and what the scorer declares it
+needs (`needs_pair_logits`: the relational module's raw pair logits; `needs_block_norms`: per-block
+FeatureNorms of the support, jigsaw-shuffled support and scored images; `needs_feature_maps`: the
+backbone's last feature map of the scored images). `score` receives the scored features. The
+evaluation engine hands every scorer the same bundle and fits it through `fit_scorer` (which applies
+the scorer's `fit_threads`); `build_scorer(name, options)` sets each hyperparameter from the
+command-line flag named in its field (`options` maps flag names to values). The command line's
+`--evaluator` choices, the flags of the hyperparameters and the parametrised tests all read `SCORERS`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Hashable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ PairLogits = Callable[[Tensor, Tensor], Tensor]
 """(feat_a [B, D], feat_b [B, D]) -> raw relational head output [B, 1] (L2 head) or [B, 2] (CE head)."""
 
 DEFAULT_PAIR_CHUNK = 65536
+
+Fitted = TypeVar("Fitted")
 
 
 @dataclass
@@ -45,6 +48,26 @@ class FeatureBatch:
     feature_maps: Tensor | None = None  # [N, C, h, w] last feature map before pooling (return_feature_map)
 
 
+class FitCache:
+    """Fits that several scorers of one evaluation share, each made once per key (e.g. per support set).
+
+    Owned by an evaluation (one per `evaluate_splits` call, per `NoveltyDetector.fit`) and handed to
+    every scorer in `ScoringInputs`: `--evaluator all` fits linear_probe's probe once for it and the four
+    logit scorers on its head, and nothing outlives the evaluation. Whoever reads a fit must not modify it.
+    """
+
+    def __init__(self) -> None:
+        self._fitted: dict[Hashable, Any] = {}
+        self.fits = 0  # how many fits were made (the rest were reused)
+
+    def get(self, key: Hashable, fit: Callable[[], Fitted]) -> Fitted:
+        """The fit stored under `key`, made by calling `fit()` the first time the key is asked for."""
+        if key not in self._fitted:
+            self._fitted[key] = fit()
+            self.fits += 1
+        return self._fitted[key]
+
+
 @dataclass
 class ScoringInputs:
     """What a scorer's `fit` is handed: the support set and, when it declares the need, the extras."""
@@ -53,6 +76,7 @@ class ScoringInputs:
     jigsaw: FeatureBatch | None = None  # the support images with their tiles shuffled (block norms only)
     pair_logits: PairLogits | None = None  # the relational module's raw head output for feature pairs
     pair_chunk: int = DEFAULT_PAIR_CHUNK  # pairs per pair_logits call
+    fits: FitCache = field(default_factory=FitCache)  # the evaluation's shared fits (a fresh one by default)
 
 
 @dataclass
@@ -88,6 +112,12 @@ class Scorer:
     # Shapes the activations themselves (ReAct's clip, ASH's pruning): meaningful on post-ReLU pooled features
     # whose class evidence is spread over many units, not on features where one unit carries a class.
     shapes_activations: ClassVar[bool] = False
+    # Intra-op CPU threads `fit` runs with (`fit_scorer` sets them for the fit alone); None: the process's.
+    # One for the scorers that train small heads (flow, latent_vae): a few thousand features through layers
+    # of 64-128 units gain nothing from a second thread, and when another process holds a core OpenMP's
+    # barriers make two threads far slower than one (measured on 2 shared cores: flow's fit 0.9 s with one
+    # thread, 58 s with two).
+    fit_threads: ClassVar[int | None] = None
 
     def fit(self, inputs: ScoringInputs) -> None:
         """Store whatever the scorer needs from the support set."""
@@ -96,6 +126,19 @@ class Scorer:
     def score(self, scored: FeatureBatch) -> ScoreResult:
         """Score every scored feature."""
         raise NotImplementedError
+
+
+def fit_scorer(scorer: Scorer, inputs: ScoringInputs) -> None:
+    """`scorer.fit(inputs)` with the scorer's `fit_threads` CPU threads, the previous count restored after."""
+    if scorer.fit_threads is None:
+        scorer.fit(inputs)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(scorer.fit_threads)
+    try:
+        scorer.fit(inputs)
+    finally:
+        torch.set_num_threads(previous)
 
 
 SCORERS: dict[str, type[Scorer]] = {}

@@ -5,7 +5,7 @@ the backbone stays frozen and the head is the linear probe of `linear_probe` (a 
 regression on the standardised support features), folded into one affine map of the raw features,
 so that ReAct's clipping and ASH's pruning act on the backbone's pooled activations as in the
 originals. The four scorers and `linear_probe` share one fit per support set (`fit_standardised_probe`
-keeps the last one) and each scorer only changes what is read off the logits. Every scorer's
+keeps it in the evaluation's FitCache) and each scorer only changes what is read off the logits. Every scorer's
 closed-set prediction is the head's argmax on the unmodified features.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from evaluation.scorers.base import (
     FeatureBatch,
+    FitCache,
     Scorer,
     ScoreResult,
     ScoringInputs,
@@ -53,15 +54,16 @@ def check_percent(value: float, what: str) -> float:
     return float(value)
 
 
-def fit_linear_head(feats: np.ndarray, labels: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_linear_head(feats: np.ndarray, labels: np.ndarray, max_iter: int,
+                    fits: FitCache) -> tuple[np.ndarray, np.ndarray]:
     """(weight [C, D], bias [C]) in float64 of the linear probe folded onto raw features: logits = x W' + b.
 
-    The probe is `linear_probe`'s (the same fitted pipeline: `fit_standardised_probe`). Its scaling is folded in
-    (W = coef / scale, b = intercept - W mean). With two classes scikit-learn keeps one decision
+    The probe is `linear_probe`'s (the same fitted pipeline, from `fits`: `fit_standardised_probe`). Its
+    scaling is folded in (W = coef / scale, b = intercept - W mean). With two classes scikit-learn keeps one decision
     function z; the two logits are then (-z/2, z/2), whose softmax is the probe's (1 - sigmoid(z),
     sigmoid(z)) and whose energy and maximum are symmetric in the two classes.
     """
-    pipeline = fit_standardised_probe(feats, labels, max_iter)
+    pipeline = fit_standardised_probe(feats, labels, max_iter, fits)
     scaler, probe = pipeline[0], pipeline[-1]
     weight = probe.coef_ / scaler.scale_
     bias = probe.intercept_ - weight @ scaler.mean_
@@ -90,7 +92,7 @@ class LinearHeadScorer(Scorer):
                              "least two support classes, got one")
         feats = inputs.support.feats.detach().to(torch.float64)
         weight, bias = fit_linear_head(feats.cpu().numpy(), inputs.support.labels.detach().long().cpu().numpy(),
-                                       self.max_iter)
+                                       self.max_iter, inputs.fits)
         self.weight = torch.from_numpy(weight).to(feats.device)
         self.bias = torch.from_numpy(bias).to(feats.device)
         self._fit_transform(feats)

@@ -22,11 +22,10 @@ checked to integrate to one).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -118,23 +117,6 @@ class CouplingFlow(nn.Module):
         return y
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the block with one intra-op CPU thread, then restore the previous count.
-
-    The training steps of the small heads here (a few thousand features, layers of 64-128 units) are too
-    small to gain from a second thread, and when another process holds a core, OpenMP's barriers make
-    two threads far slower than one: measured on 2 shared cores, flow's fit took 0.9 s with one thread
-    and 58 s with two.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def held_out_mask(labels: Tensor, n_classes: int, share: float, generator: torch.Generator) -> Tensor:
     """[N] bool: floor(share * n_c) random samples of each class c (so every class keeps one to train on)."""
     mask = torch.zeros(len(labels), dtype=torch.bool)
@@ -162,6 +144,8 @@ class FlowScorer(Scorer):
     With N support features the flow sees at most min(dims, D, the support's rank) coordinates; the
     projection keeps the flow small enough to train in about a second on a CPU.
     """
+
+    fit_threads: ClassVar[int | None] = 1  # a small head: see Scorer.fit_threads
 
     layers: int = hyperparameter(4, "flow: affine coupling layers", flag="flow_layers", arg_type=positive_int)
     hidden: int = hyperparameter(64, "flow: hidden units of each coupling's network", flag="flow_hidden",
@@ -201,7 +185,7 @@ class FlowScorer(Scorer):
         if inputs.support.feats.shape[1] < 2:
             raise ValueError(f"flow needs features of at least 2 dimensions, got {inputs.support.feats.shape[1]}")
         # Outside inference mode, on copies: the engine's features were computed under it.
-        with torch.inference_mode(False), torch.enable_grad(), one_thread():
+        with torch.inference_mode(False), torch.enable_grad():
             self._fit(inputs.support.feats.detach().float().clone(), inputs.support.labels.detach().long().clone(),
                       n_classes)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,6 @@ from evaluation.scorers.base import (
     register_scorer,
     require_fitted,
 )
-from evaluation.scorers.density import one_thread
 from utils.arg_types import boolean, non_negative_float, non_negative_int, positive_float, positive_int
 
 POSITIVE_MARGIN = 0.1  # the original's triplet margin: same-class latents within this distance cost nothing
@@ -116,6 +116,8 @@ def balanced_batches(labels: Tensor, n_classes: int, batch_classes: int, sample_
 class LatentVaeScorer(Scorer):
     """A VAE/metric latent head trained on the support features (see the module docstring)."""
 
+    fit_threads: ClassVar[int | None] = 1  # a small head: see Scorer.fit_threads
+
     latent_dim: int = hyperparameter(32, "latent_vae: latent dimensions", flag="latent_dim", arg_type=positive_int)
     kl_coeff: float = hyperparameter(0.1, "latent_vae: weight of the KL term to the class Gaussians",
                                      flag="kl_coeff", arg_type=non_negative_float)
@@ -162,7 +164,7 @@ class LatentVaeScorer(Scorer):
         """Standardise the support features, train the encoder (and the auto-encoder), keep the class means."""
         n_classes = check_support(inputs.support)
         # Outside inference mode, on copies: the engine's features were computed under it.
-        with torch.inference_mode(False), torch.enable_grad(), one_thread():
+        with torch.inference_mode(False), torch.enable_grad():
             self._fit(inputs.support.feats.detach().float().clone(), inputs.support.labels.detach().long().clone(),
                       n_classes)
 

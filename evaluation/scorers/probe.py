@@ -17,6 +17,7 @@ import torch
 from evaluation.scorers.distance import check_protocol, protocol_field
 from evaluation.scorers.base import (
     FeatureBatch,
+    FitCache,
     Scorer,
     ScoreResult,
     ScoringInputs,
@@ -29,14 +30,8 @@ from evaluation.scorers.base import (
 )
 from utils.arg_types import positive_int
 
-# The last fitted probe, keyed by a digest of the support set and max_iter: `--evaluator all` fits it once
-# for linear_probe and the logit scorers on its head (energy, max_logit, react, ash_b). One entry, so
-# memory stays bounded.
-_PROBE_CACHE: dict[tuple[str, int], Any] = {}
-
-
 def _digest(feats: np.ndarray, labels: np.ndarray) -> str:
-    """A digest of a support set's features and labels (identifies it in the probe cache)."""
+    """A digest of a support set's features and labels (identifies it in the evaluation's FitCache)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(str(feats.shape).encode())
     h.update(np.ascontiguousarray(feats).tobytes())
@@ -44,23 +39,22 @@ def _digest(feats: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def fit_standardised_probe(feats: np.ndarray, labels: np.ndarray, max_iter: int) -> Any:
+def fit_standardised_probe(feats: np.ndarray, labels: np.ndarray, max_iter: int, fits: FitCache) -> Any:
     """StandardScaler + LogisticRegression(lbfgs, max_iter) fitted on float64 support features and labels.
 
-    The fitted pipeline is reused for the same support set and max_iter (it is not modified after the fit).
-    lbfgs has no randomness, so the probe is deterministic for given features.
+    `fits` (the evaluation's) keeps the pipeline for the same support set and max_iter: `--evaluator all`
+    fits it once for linear_probe and the logit scorers on its head (energy, max_logit, react, ash_b).
+    It is not modified after the fit; lbfgs has no randomness, so reusing it changes no score.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    key = (_digest(feats, labels), int(max_iter))
-    if key not in _PROBE_CACHE:
+    def fit() -> Any:
         pipeline = make_pipeline(StandardScaler(), LogisticRegression(solver="lbfgs", max_iter=max_iter))
-        pipeline.fit(feats, labels)
-        _PROBE_CACHE.clear()
-        _PROBE_CACHE[key] = pipeline
-    return _PROBE_CACHE[key]
+        return pipeline.fit(feats, labels)
+
+    return fits.get(("standardised_probe", _digest(feats, labels), int(max_iter)), fit)
 
 
 @register_scorer("linear_probe", "max class probability of a logistic regression on the support features")
@@ -99,7 +93,7 @@ class LinearProbeScorer(Scorer):
             self.pipeline.fit(feats, labels)
             self.feat_dim = inputs.support.feats.shape[1]
             return
-        self.pipeline = fit_standardised_probe(feats, labels, self.max_iter)
+        self.pipeline = fit_standardised_probe(feats, labels, self.max_iter, inputs.fits)
         self.feat_dim = inputs.support.feats.shape[1]
 
     def score(self, scored: FeatureBatch) -> ScoreResult:
