@@ -304,8 +304,6 @@ def read_eval_dir(eval_dir: str) -> List[PlotRecord]:
     return records
 
 
-
-
 def result_figures(results: Sequence[Any]) -> List[Tuple[str, Callable[[str], str]]]:
     """(file name, draw(path)) of every figure of a result group: `roc_<dataset>.png`, `scores_<dataset>.png`."""
     by_dataset: Dict[str, List[Any]] = {}

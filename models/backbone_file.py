@@ -31,7 +31,7 @@ from torch import Tensor
 
 from models.backbone import ResNetBackbone
 from models.state_dicts import (AUTHORS_PREFIX, CheckpointError, _show, backbone_state_from_any, check_state_dict,
-                                infer_network, load_state_strict)
+                                infer_network, load_state_strict, load_torch_object)
 
 WRAPPER_KEYS = ("state_dict", "model")  # entries a training script's checkpoint keeps the weights under
 KEY_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile prefix every key of the model they wrap
@@ -85,16 +85,15 @@ def _deserialise(data: bytes, path: str) -> object:
     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
         with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    # torch.load reports corrupt input with many unrelated types (UnpicklingError, KeyError, EOFError, ...).
-    except Exception as exc:
-        pickled = _UNSUPPORTED_GLOBAL.search(str(exc))
+            return load_torch_object(path, handle=io.BytesIO(data))
+    except CheckpointError as error:
+        # weights_only refuses any other pickled class; say so rather than show torch's long explanation.
+        pickled = _UNSUPPORTED_GLOBAL.search(str(error.__cause__))
         if pickled:
             raise CheckpointError(f"cannot read {path} as a torch state dict: it holds a pickled {pickled.group(1)} "
                                   "object, which is not loaded (only tensors and plain containers are); "
-                                  "save model.state_dict()") from exc
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise CheckpointError(f"cannot read {path} as a torch state dict: {type(exc).__name__}: {first_line}") from exc
+                                  "save model.state_dict()") from error.__cause__
+        raise
 
 
 def _unwrap(content: object, path: str) -> tuple[dict[str, Tensor], list[str]]:

@@ -25,6 +25,13 @@ def read_state_file(path: str, map_location: str | torch.device = "cpu",
 
     `handle` is `path` already opened, for callers that must open several files before reading any.
     """
+    return check_state_dict(load_torch_object(path, map_location, handle), path)
+
+
+def load_torch_object(path: str, map_location: str | torch.device = "cpu",
+                      handle: IO[bytes] | None = None) -> object:
+    """What a torch.save file holds, loaded with weights_only=True; CheckpointError naming `path` (the
+    torch error as its cause) when it cannot be read. `handle`: `path` already opened (or its bytes)."""
     if handle is None and not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
@@ -33,7 +40,7 @@ def read_state_file(path: str, map_location: str | torch.device = "cpu",
     except Exception as exc:
         raise CheckpointError(f"cannot read {path} as a torch state dict: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    return check_state_dict(state, path)
+    return state
 
 
 def check_state_dict(state: object, path: str) -> dict[str, Tensor]:
